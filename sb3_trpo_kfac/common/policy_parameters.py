@@ -1,0 +1,41 @@
+"""Telling a policy's actor and critic parameters apart by what they influence, not by their names."""
+
+import torch as th
+from stable_baselines3.common.policies import ActorCriticPolicy
+from stable_baselines3.common.type_aliases import PyTorchObs
+from torch import nn
+
+from sb3_trpo_kfac.common.fisher import fisher_blocks
+
+
+def index_observations(observations: PyTorchObs, index: slice | th.Tensor) -> PyTorchObs:
+    """Select rows of a (possibly dict) observation batch."""
+    if isinstance(observations, dict):
+        return {key: value[index] for key, value in observations.items()}
+    return observations[index]
+
+
+def split_actor_critic_parameters(
+    policy: ActorCriticPolicy, observations: PyTorchObs
+) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """
+    Actor parameters are those the action distribution depends on (shared extractor layers included); critic
+    parameters are those only the value depends on. Found through the autograd graph of one small forward pass.
+
+    :param policy: the actor-critic policy
+    :param observations: a (small) batch of observations
+    :return: actor parameters, critic parameters, each in ``policy.parameters()`` order
+    """
+    params = [p for p in policy.parameters() if p.requires_grad]
+
+    def reached_by(outputs: list[th.Tensor]) -> set[int]:
+        total = sum(output.sum() for output in outputs)
+        grads = th.autograd.grad(total, params, allow_unused=True)
+        return {id(p) for p, g in zip(params, grads, strict=True) if g is not None}
+
+    with th.enable_grad():
+        actor_ids = reached_by([output for output, _ in fisher_blocks(policy.get_distribution(observations))])
+        value_ids = reached_by([policy.predict_values(observations)])
+    actor = [p for p in params if id(p) in actor_ids]
+    critic = [p for p in params if id(p) in value_ids and id(p) not in actor_ids]
+    return actor, critic

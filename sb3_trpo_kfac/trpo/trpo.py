@@ -1,0 +1,358 @@
+import warnings
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
+from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
+from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, PyTorchObs, Schedule
+from stable_baselines3.common.utils import explained_variance
+from torch import nn
+from torch.nn import functional as F
+
+from sb3_trpo_kfac.common.conjugate_gradient import conjugate_gradient
+from sb3_trpo_kfac.common.fisher import GaussNewtonFisher, detached_distribution, flat_concat, mean_kl, split_like
+from sb3_trpo_kfac.common.policy_parameters import index_observations, split_actor_critic_parameters
+from sb3_trpo_kfac.common.validation import check_float, check_int
+from sb3_trpo_kfac.trpo.policies import CnnPolicy, MlpPolicy, MultiInputPolicy
+
+SelfTRPO = TypeVar("SelfTRPO", bound="TRPO")
+
+
+class TRPO(OnPolicyAlgorithm):
+    """
+    Trust Region Policy Optimization (TRPO), with exact Gauss-Newton Fisher-vector products.
+
+    Paper: https://arxiv.org/abs/1502.05477 (and John Schulman's thesis, http://joschu.net/docs/thesis.pdf)
+
+    Drop-in for sb3-contrib's ``TRPO``: every keyword has the same name, meaning and default. Per rollout the policy
+    takes one natural-gradient step, solving (F + cg_damping·I) s = g by conjugate gradient with F the policy's
+    Fisher (computed in Gauss-Newton form, see ``sb3_trpo_kfac.common.fisher``), scaling it to the trust region
+    ``target_kl`` and backtracking until KL(π_old ‖ π_new) <= target_kl and the surrogate improves. The critic is
+    then fitted by minibatch Adam on the value loss.
+
+    Actor parameters are those the action distribution depends on; with a shared features extractor these include
+    the extractor, so the policy step owns it and the critic step leaves it untouched (only the value-only layers are
+    fitted by the critic). With separate extractors (``share_features_extractor=False``) the critic trains its own.
+
+    :param policy: The policy model to use (MlpPolicy, CnnPolicy, ...)
+    :param env: The environment to learn from (if registered in Gym, can be str)
+    :param learning_rate: The learning rate for the value function, it can be a function
+        of the current progress remaining (from 1 to 0)
+    :param n_steps: The number of steps to run for each environment per update
+        (i.e. rollout buffer size is n_steps * n_envs where n_envs is number of environment copies running in parallel)
+    :param batch_size: Minibatch size for the value function
+    :param gamma: Discount factor
+    :param cg_max_steps: maximum number of steps in the Conjugate Gradient algorithm
+        for computing the natural gradient step
+    :param cg_damping: damping added to the Fisher-vector product (λ in (F + λI) s = g)
+    :param line_search_shrinking_factor: step-size reduction factor for the line-search
+        (i.e., ``theta_new = theta + alpha^i * step``)
+    :param line_search_max_iter: maximum number of iteration for the backtracking line-search
+    :param n_critic_updates: number of critic updates (epochs over the rollout) per policy update
+    :param gae_lambda: Factor for trade-off of bias vs variance for Generalized Advantage Estimator
+    :param use_sde: Whether to use generalized State Dependent Exploration (gSDE)
+        instead of action noise exploration (default: False)
+    :param sde_sample_freq: Sample a new noise matrix every n steps when using gSDE
+        Default: -1 (only sample at the beginning of the rollout)
+    :param rollout_buffer_class: Rollout buffer class to use. If ``None``, it will be automatically selected.
+    :param rollout_buffer_kwargs: Keyword arguments to pass to the rollout buffer on creation
+    :param normalize_advantage: Whether to normalize or not the advantage
+    :param target_kl: Trust region: maximum mean KL(π_old ‖ π_new) per update, summed over action dimensions.
+        (sb3-contrib averages Gaussian KLs over action dimensions instead, so its effective bound on a
+        d-dimensional action is d times larger.)
+    :param sub_sampling_factor: Keep every k-th sample of the rollout for the whole policy step
+        (gradient, Fisher and line search); see p40-42 of John Schulman's thesis
+    :param fisher_subsample: Fraction of the (sub-sampled) batch used for the Fisher-vector products only, while the
+        gradient and the line search use all of it (Schulman's thesis uses 0.1-0.2). 1.0 uses the whole batch.
+    :param stats_window_size: Window size for the rollout logging, specifying the number of episodes to average
+        the reported success rate, mean episode length, and mean reward over
+    :param tensorboard_log: the log location for tensorboard (if None, no logging)
+    :param policy_kwargs: additional arguments to be passed to the policy on creation
+    :param verbose: the verbosity level: 0 no output, 1 info, 2 debug
+    :param seed: Seed for the pseudo random generators
+    :param device: Device (cpu, cuda, ...) on which the code should be run.
+        Setting it to auto, the code will be run on the GPU if possible.
+    :param _init_setup_model: Whether or not to build the network at the creation of the instance
+    """
+
+    policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {
+        "MlpPolicy": MlpPolicy,
+        "CnnPolicy": CnnPolicy,
+        "MultiInputPolicy": MultiInputPolicy,
+    }
+
+    def __init__(
+        self,
+        policy: str | type[ActorCriticPolicy],
+        env: GymEnv | str,
+        learning_rate: float | Schedule = 1e-3,
+        n_steps: int = 2048,
+        batch_size: int = 128,
+        gamma: float = 0.99,
+        cg_max_steps: int = 15,
+        cg_damping: float = 0.1,
+        line_search_shrinking_factor: float = 0.8,
+        line_search_max_iter: int = 10,
+        n_critic_updates: int = 10,
+        gae_lambda: float = 0.95,
+        use_sde: bool = False,
+        sde_sample_freq: int = -1,
+        rollout_buffer_class: type[RolloutBuffer] | None = None,
+        rollout_buffer_kwargs: dict[str, Any] | None = None,
+        normalize_advantage: bool = True,
+        target_kl: float = 0.01,
+        sub_sampling_factor: int = 1,
+        fisher_subsample: float = 1.0,
+        stats_window_size: int = 100,
+        tensorboard_log: str | None = None,
+        policy_kwargs: dict[str, Any] | None = None,
+        verbose: int = 0,
+        seed: int | None = None,
+        device: th.device | str = "auto",
+        _init_setup_model: bool = True,
+    ):
+        # Checked before the environment is built, so a typo fails fast.
+        self.batch_size = check_int("batch_size", batch_size, minimum=1)
+        self.cg_max_steps = check_int("cg_max_steps", cg_max_steps, minimum=1)
+        self.cg_damping = check_float("cg_damping", cg_damping, low=0.0)
+        self.line_search_shrinking_factor = check_float(
+            "line_search_shrinking_factor", line_search_shrinking_factor, 0.0, 1.0, low_inclusive=False, high_inclusive=False
+        )
+        self.line_search_max_iter = check_int("line_search_max_iter", line_search_max_iter, minimum=1)
+        self.n_critic_updates = check_int("n_critic_updates", n_critic_updates, minimum=0)
+        self.target_kl = check_float("target_kl", target_kl, low=0.0, low_inclusive=False)
+        self.sub_sampling_factor = check_int("sub_sampling_factor", sub_sampling_factor, minimum=1)
+        self.fisher_subsample = check_float("fisher_subsample", fisher_subsample, 0.0, 1.0, low_inclusive=False)
+        check_int("n_steps", n_steps, minimum=1)
+        check_float("gamma", gamma, 0.0, 1.0)
+        check_float("gae_lambda", gae_lambda, 0.0, 1.0)
+        if not callable(learning_rate):
+            check_float("learning_rate", learning_rate, low=0.0)
+
+        super().__init__(
+            policy,
+            env,
+            learning_rate=learning_rate,
+            n_steps=n_steps,
+            gamma=gamma,
+            gae_lambda=gae_lambda,
+            ent_coef=0.0,  # entropy bonus is not used by TRPO
+            vf_coef=0.0,  # value function is optimized separately
+            max_grad_norm=0.0,
+            use_sde=use_sde,
+            sde_sample_freq=sde_sample_freq,
+            rollout_buffer_class=rollout_buffer_class,
+            rollout_buffer_kwargs=rollout_buffer_kwargs,
+            stats_window_size=stats_window_size,
+            tensorboard_log=tensorboard_log,
+            policy_kwargs=policy_kwargs,
+            verbose=verbose,
+            device=device,
+            seed=seed,
+            _init_setup_model=False,
+            supported_action_spaces=(
+                spaces.Box,
+                spaces.Discrete,
+                spaces.MultiDiscrete,
+                spaces.MultiBinary,
+            ),
+        )
+
+        self.normalize_advantage = normalize_advantage
+        if self.env is not None:
+            buffer_size = self.env.num_envs * self.n_steps
+            if normalize_advantage and buffer_size <= 1:
+                raise ValueError(
+                    "`n_steps * n_envs` must be greater than 1 to normalize advantages. "
+                    f"Currently n_steps={self.n_steps} and n_envs={self.env.num_envs}"
+                )
+            if buffer_size % batch_size > 0:
+                warnings.warn(
+                    f"You have specified a mini-batch size of {batch_size}, but because the `RolloutBuffer` is of size "
+                    f"`n_steps * n_envs = {buffer_size}`, after every {buffer_size // batch_size} untruncated "
+                    f"mini-batches, there will be a truncated mini-batch of size {buffer_size % batch_size}\n"
+                    f"We recommend using a `batch_size` that is a factor of `n_steps * n_envs`.\n"
+                    f"Info: (n_steps={self.n_steps} and n_envs={self.env.num_envs})"
+                )
+
+        if _init_setup_model:
+            self._setup_model()
+
+    def _setup_model(self) -> None:
+        super()._setup_model()
+        # Found from the autograd graph on the first update (the policy's structure does not change afterwards).
+        self._actor_params: list[nn.Parameter] | None = None
+        self._critic_params: list[nn.Parameter] | None = None
+
+    def _excluded_save_params(self) -> list[str]:
+        # Parameter lists point into the live policy; they are rebuilt after loading.
+        return [*super()._excluded_save_params(), "_actor_params", "_critic_params"]
+
+    def _split_parameters(self, observations: PyTorchObs) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        if self._actor_params is None or self._critic_params is None:
+            self._actor_params, self._critic_params = split_actor_critic_parameters(
+                self.policy, index_observations(observations, slice(0, 2))
+            )
+        return self._actor_params, self._critic_params
+
+    def _policy_step(self, observations: PyTorchObs, actions: th.Tensor, old_log_prob: th.Tensor, advantages: th.Tensor) -> dict[str, float]:
+        """
+        One natural-gradient step of the actor with backtracking line search.
+
+        :return: the statistics to log
+        """
+        actor_params, _ = self._split_parameters(observations)
+        if self.normalize_advantage:
+            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+
+        distribution = self.policy.get_distribution(observations)
+        old_distribution = detached_distribution(distribution)
+        objective = (advantages * th.exp(distribution.log_prob(actions) - old_log_prob)).mean()
+        gradient = flat_concat(th.autograd.grad(objective, actor_params, retain_graph=True))
+
+        if self.fisher_subsample < 1.0:
+            n_fisher = max(1, int(round(self.fisher_subsample * len(actions))))
+            # Rollout batches come shuffled, so the first rows are a uniform subsample.
+            fisher_distribution = self.policy.get_distribution(index_observations(observations, slice(0, n_fisher)))
+        else:
+            fisher_distribution = distribution
+        fisher = GaussNewtonFisher(fisher_distribution, actor_params, damping=self.cg_damping)
+
+        stats = {"policy_objective": objective.item(), "kl_divergence_loss": 0.0, "is_line_search_success": 0.0}
+        stats["line_search_step_fraction"] = 0.0
+        stats["non_finite_step"] = 0.0
+        if not th.isfinite(gradient).all():
+            stats["non_finite_step"] = 1.0
+            stats["cg_residual"] = float("nan")
+            return stats
+
+        solve = conjugate_gradient(fisher, gradient, max_iter=self.cg_max_steps)
+        stats["cg_residual"] = solve.relative_residual
+        stats["cg_iterations"] = float(solve.iterations)
+        curvature = th.dot(solve.solution, solve.matrix_solution)
+        if not (th.isfinite(solve.solution).all() and th.isfinite(curvature) and curvature > 0):
+            stats["non_finite_step"] = 1.0
+            return stats
+        step = th.sqrt(2.0 * self.target_kl / curvature) * solve.solution
+
+        old_params = [param.detach().clone() for param in actor_params]
+        step_fraction = 1.0
+        with th.no_grad():
+            for _ in range(self.line_search_max_iter):
+                for param, old, delta in zip(actor_params, old_params, split_like(step, actor_params), strict=True):
+                    param.copy_(old + step_fraction * delta)
+                new_distribution = self.policy.get_distribution(observations)
+                new_objective = (advantages * th.exp(new_distribution.log_prob(actions) - old_log_prob)).mean()
+                kl = mean_kl(old_distribution, new_distribution)
+                # NaN compares False: a non-finite candidate is rejected like a bad one.
+                if kl <= self.target_kl and new_objective > objective:
+                    stats.update(
+                        policy_objective=new_objective.item(),
+                        kl_divergence_loss=kl.item(),
+                        is_line_search_success=1.0,
+                        line_search_step_fraction=step_fraction,
+                    )
+                    return stats
+                step_fraction *= self.line_search_shrinking_factor
+            for param, old in zip(actor_params, old_params, strict=True):
+                param.copy_(old)
+        return stats
+
+    def _critic_fit(self, observations: PyTorchObs, returns: th.Tensor) -> list[float]:
+        """
+        ``n_critic_updates`` epochs of minibatch updates of the critic parameters on the value loss.
+
+        :return: the minibatch value losses
+        """
+        actor_params, critic_params = self._split_parameters(observations)
+        policy = self.policy
+        actor_ids = {id(p) for p in actor_params}
+        # With a shared extractor the critic step cannot move it, so its features are computed once for all epochs.
+        frozen_extractor = (
+            type(policy).predict_values is ActorCriticPolicy.predict_values
+            and policy.share_features_extractor
+            and all(id(p) in actor_ids for p in policy.features_extractor.parameters())
+        )
+        if frozen_extractor:
+            with th.no_grad():
+                inputs = BasePolicy.extract_features(policy, observations, policy.features_extractor)
+
+            def predict(batch: PyTorchObs) -> th.Tensor:
+                return policy.value_net(policy.mlp_extractor.forward_critic(batch))
+
+        else:
+            inputs = observations
+            predict = policy.predict_values
+
+        value_losses = []
+        n_samples = len(returns)
+        for _ in range(self.n_critic_updates):
+            for indices in th.randperm(n_samples, device=returns.device).split(self.batch_size):
+                values = predict(index_observations(inputs, indices)).flatten()
+                value_loss = F.mse_loss(returns[indices], values)
+                policy.optimizer.zero_grad()
+                # Gradients for critic parameters only: the policy step alone moves actor parameters.
+                grads = th.autograd.grad(value_loss, critic_params, allow_unused=True)
+                for param, grad in zip(critic_params, grads, strict=True):
+                    param.grad = grad
+                policy.optimizer.step()
+                value_losses.append(value_loss.item())
+        return value_losses
+
+    def train(self) -> None:
+        """
+        Update policy using the currently gathered rollout buffer.
+        """
+        self.policy.set_training_mode(True)
+        self._update_learning_rate(self.policy.optimizer)
+
+        # One batch with all the data, in random order.
+        rollout_data = next(self.rollout_buffer.get(batch_size=None))
+        actions = rollout_data.actions
+        if isinstance(self.action_space, spaces.Discrete):
+            actions = actions.long().flatten()
+        thin = slice(None, None, self.sub_sampling_factor)
+        stats = self._policy_step(
+            index_observations(rollout_data.observations, thin),
+            actions[thin],
+            rollout_data.old_log_prob[thin],
+            rollout_data.advantages[thin],
+        )
+        value_losses = self._critic_fit(rollout_data.observations, rollout_data.returns)
+
+        self._n_updates += 1
+        explained_var = explained_variance(self.rollout_buffer.values.flatten(), self.rollout_buffer.returns.flatten())
+        self.logger.record("train/policy_objective", stats["policy_objective"])
+        self.logger.record("train/value_loss", np.mean(value_losses) if value_losses else float("nan"))
+        self.logger.record("train/kl_divergence_loss", stats["kl_divergence_loss"])
+        self.logger.record("train/explained_variance", explained_var)
+        self.logger.record("train/is_line_search_success", stats["is_line_search_success"])
+        self.logger.record("train/line_search_step_fraction", stats["line_search_step_fraction"])
+        self.logger.record("train/cg_residual", stats["cg_residual"])
+        if "cg_iterations" in stats:
+            self.logger.record("train/cg_iterations", stats["cg_iterations"])
+        self.logger.record("train/non_finite_step", stats["non_finite_step"])
+        if hasattr(self.policy, "log_std"):
+            self.logger.record("train/std", th.exp(self.policy.log_std).mean().item())
+        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
+
+    def learn(
+        self: SelfTRPO,
+        total_timesteps: int,
+        callback: MaybeCallback = None,
+        log_interval: int = 1,
+        tb_log_name: str = "TRPO",
+        reset_num_timesteps: bool = True,
+        progress_bar: bool = False,
+    ) -> SelfTRPO:
+        return super().learn(
+            total_timesteps=total_timesteps,
+            callback=callback,
+            log_interval=log_interval,
+            tb_log_name=tb_log_name,
+            reset_num_timesteps=reset_num_timesteps,
+            progress_bar=progress_bar,
+        )
