@@ -1,0 +1,281 @@
+import contextlib
+from typing import Any, ClassVar, TypeVar
+
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
+from stable_baselines3.common.policies import ActorCriticCnnPolicy, ActorCriticPolicy, BasePolicy, MultiInputActorCriticPolicy
+from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
+from stable_baselines3.common.utils import explained_variance
+from torch.nn import functional as F
+
+from sb3_trpo_kfac.common.kfac import INVERSE_MODES, KFAC, _check_int, _check_number
+
+SelfACKTR = TypeVar("SelfACKTR", bound="ACKTR")
+
+
+class ACKTR(OnPolicyAlgorithm):
+    """
+    Actor Critic using Kronecker-Factored Trust Region (ACKTR): A2C's loss, its gradient preconditioned by K-FAC
+    (:class:`sb3_trpo_kfac.common.kfac.KFAC`) with a trust-region bound on the step.
+
+    Paper: https://arxiv.org/abs/1708.05144 (Wu et al. 2017). Defaults follow OpenAI baselines / Stable-Baselines 2
+    (learning rate 0.25, ``kfac_clip`` 0.001, momentum 0.9, damping 0.01, ``stats_decay`` 0.99,
+    ``vf_fisher_coef`` 1.0, ``n_steps`` 20, ``ent_coef`` 0.01, ``vf_coef`` 0.25) except where noted.
+
+    The K-FAC statistics come from a sampled "Fisher loss" on the same forward pass:
+    ``−Σ log π(a|s) − vf_fisher_coef · Σ (V(s) − sg(V(s) + ε))²``, ε ~ N(0, 1), where ``a`` are the rollout actions
+    (samples of the current policy: there is one update per rollout). The K-FAC optimizer replaces
+    ``policy.optimizer``, so ``save()`` / ``load()`` carry its statistics, eigenbases, counters and momentum.
+
+    An A2C user can swap the class name: every A2C keyword is accepted with A2C's meaning, except the
+    optimizer choice (K-FAC replaces RMSprop / Adam): ``use_rms_prop=True`` and an ``optimizer_class`` in
+    ``policy_kwargs`` raise a ``ValueError``; ``rms_prop_eps`` is accepted and ignored.
+
+    :param policy: The policy model to use (MlpPolicy, CnnPolicy, ...)
+    :param env: The environment to learn from (if registered in Gym, can be str)
+    :param learning_rate: The learning rate η of K-FAC, it can be a function
+        of the current progress remaining (from 1 to 0). It also scales the trust region.
+    :param n_steps: The number of steps to run for each environment per update
+        (i.e. batch size is n_steps * n_env where n_env is number of environment copies running in parallel)
+    :param gamma: Discount factor
+    :param gae_lambda: Factor for trade-off of bias vs variance for Generalized Advantage Estimator.
+        Equivalent to classic advantage when set to 1.
+    :param ent_coef: Entropy coefficient for the loss calculation
+    :param vf_coef: Value function coefficient for the loss calculation
+    :param max_grad_norm: The maximum value for the gradient clipping (of the raw gradient, before K-FAC;
+        also the clip of the cold-start steps)
+    :param rms_prop_eps: Accepted for A2C compatibility and ignored (K-FAC replaces RMSprop)
+    :param use_rms_prop: Must be False: K-FAC replaces the optimizer (True raises a ValueError)
+    :param use_sde: Whether to use generalized State Dependent Exploration (gSDE)
+        instead of action noise exploration (default: False)
+    :param sde_sample_freq: Sample a new noise matrix every n steps when using gSDE
+        Default: -1 (only sample at the beginning of the rollout)
+    :param rollout_buffer_class: Rollout buffer class to use. If ``None``, it will be automatically selected.
+    :param rollout_buffer_kwargs: Keyword arguments to pass to the rollout buffer on creation.
+    :param normalize_advantage: Whether to normalize or not the advantage
+    :param kfac_clip: Trust-region radius κ: the step is scaled by ν = min(1, sqrt(κ / (η² Vᵀ∇))), V the
+        preconditioned gradient
+    :param damping: Tikhonov damping added to the Kronecker-factored Fisher
+    :param momentum: Momentum of the K-FAC update (the step is η (1 − momentum) times the momentum buffer)
+    :param stats_decay: Running-average factor of the Kronecker factors
+    :param kfac_update: Recompute the eigendecompositions (or inverses) of the factors every this many updates
+    :param kfac_stats_interval: Update the K-FAC statistics every this many updates (1: every update; larger
+        values save the extra backward pass and factor products, e.g. for CNN policies)
+    :param kfac_inverse: ``"eigen"`` (exact damping via eigendecompositions) or ``"inverse"`` (factored
+        damping with plain inverses, cheaper for large layers)
+    :param vf_fisher_coef: Weight of the value head's Gaussian likelihood in the Fisher loss
+    :param cold_iter: Number of initial updates done with plain momentum SGD (gradient clipped to
+        ``max_grad_norm``) while the statistics warm up
+    :param stats_window_size: Window size for the rollout logging, specifying the number of episodes to average
+        the reported success rate, mean episode length, and mean reward over
+    :param tensorboard_log: the log location for tensorboard (if None, no logging)
+    :param policy_kwargs: additional arguments to be passed to the policy on creation
+    :param verbose: Verbosity level: 0 for no output, 1 for info messages (such as device or wrappers used), 2 for
+        debug messages
+    :param seed: Seed for the pseudo random generators
+    :param device: Device (cpu, cuda, ...) on which the code should be run.
+        Setting it to auto, the code will be run on the GPU if possible.
+    :param _init_setup_model: Whether or not to build the network at the creation of the instance
+    """
+
+    policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {
+        "MlpPolicy": ActorCriticPolicy,
+        "CnnPolicy": ActorCriticCnnPolicy,
+        "MultiInputPolicy": MultiInputActorCriticPolicy,
+    }
+    policy: ActorCriticPolicy
+
+    def __init__(
+        self,
+        policy: str | type[ActorCriticPolicy],
+        env: GymEnv | str,
+        learning_rate: float | Schedule = 0.25,
+        n_steps: int = 20,
+        gamma: float = 0.99,
+        gae_lambda: float = 1.0,
+        ent_coef: float = 0.01,
+        vf_coef: float = 0.25,
+        max_grad_norm: float = 0.5,
+        rms_prop_eps: float = 1e-5,
+        use_rms_prop: bool = False,
+        use_sde: bool = False,
+        sde_sample_freq: int = -1,
+        rollout_buffer_class: type[RolloutBuffer] | None = None,
+        rollout_buffer_kwargs: dict[str, Any] | None = None,
+        normalize_advantage: bool = False,
+        kfac_clip: float = 0.001,
+        damping: float = 0.01,
+        momentum: float = 0.9,
+        stats_decay: float = 0.99,
+        kfac_update: int = 1,
+        kfac_stats_interval: int = 1,
+        kfac_inverse: str = "eigen",
+        vf_fisher_coef: float = 1.0,
+        cold_iter: int = 0,
+        stats_window_size: int = 100,
+        tensorboard_log: str | None = None,
+        policy_kwargs: dict[str, Any] | None = None,
+        verbose: int = 0,
+        seed: int | None = None,
+        device: th.device | str = "auto",
+        _init_setup_model: bool = True,
+    ):
+        # Fail before building anything.
+        if use_rms_prop:
+            raise ValueError("`use_rms_prop=True` is not supported: ACKTR's optimizer is K-FAC (leave it False)")
+        for key in ("optimizer_class", "optimizer_kwargs"):
+            if policy_kwargs is not None and key in policy_kwargs:
+                raise ValueError(f"`policy_kwargs['{key}']` is not supported: ACKTR's optimizer is K-FAC")
+        if not callable(learning_rate):
+            _check_number("learning_rate", learning_rate, 0.0, low_open=True)
+        _check_int("n_steps", n_steps, 1)
+        _check_number("gamma", gamma, 0.0, 1.0)
+        _check_number("gae_lambda", gae_lambda, 0.0, 1.0)
+        _check_number("ent_coef", ent_coef, -float("inf"))
+        _check_number("vf_coef", vf_coef, 0.0)
+        _check_number("max_grad_norm", max_grad_norm, 0.0, low_open=True)
+        self.kfac_clip = _check_number("kfac_clip", kfac_clip, 0.0, low_open=True)
+        self.damping = _check_number("damping", damping, 0.0, low_open=True)
+        self.momentum = _check_number("momentum", momentum, 0.0, 1.0)
+        if self.momentum == 1.0:
+            raise ValueError("`momentum` must be < 1 (the step is learning_rate * (1 - momentum))")
+        self.stats_decay = _check_number("stats_decay", stats_decay, 0.0, 1.0)
+        if self.stats_decay == 1.0:
+            raise ValueError("`stats_decay` must be < 1, otherwise the statistics never change")
+        self.kfac_update = _check_int("kfac_update", kfac_update, 1)
+        self.kfac_stats_interval = _check_int("kfac_stats_interval", kfac_stats_interval, 1)
+        if kfac_inverse not in INVERSE_MODES:
+            raise ValueError(f"`kfac_inverse` must be one of {INVERSE_MODES}, got {kfac_inverse!r}")
+        self.kfac_inverse = kfac_inverse
+        self.vf_fisher_coef = _check_number("vf_fisher_coef", vf_fisher_coef, 0.0)
+        self.cold_iter = _check_int("cold_iter", cold_iter, 0)
+
+        super().__init__(
+            policy,
+            env,
+            learning_rate=learning_rate,
+            n_steps=n_steps,
+            gamma=gamma,
+            gae_lambda=gae_lambda,
+            ent_coef=ent_coef,
+            vf_coef=vf_coef,
+            max_grad_norm=max_grad_norm,
+            use_sde=use_sde,
+            sde_sample_freq=sde_sample_freq,
+            rollout_buffer_class=rollout_buffer_class,
+            rollout_buffer_kwargs=rollout_buffer_kwargs,
+            stats_window_size=stats_window_size,
+            tensorboard_log=tensorboard_log,
+            policy_kwargs=policy_kwargs,
+            verbose=verbose,
+            device=device,
+            seed=seed,
+            _init_setup_model=False,
+            supported_action_spaces=(
+                spaces.Box,
+                spaces.Discrete,
+                spaces.MultiDiscrete,
+                spaces.MultiBinary,
+            ),
+        )
+
+        self.normalize_advantage = normalize_advantage
+
+        if _init_setup_model:
+            self._setup_model()
+
+    def _setup_model(self) -> None:
+        super()._setup_model()
+        # K-FAC replaces the policy's optimizer, so SB3's save/load ("policy.optimizer") carries its state.
+        self.policy.optimizer = KFAC(
+            self.policy,
+            lr=self.lr_schedule(1),
+            momentum=self.momentum,
+            stats_decay=self.stats_decay,
+            damping=self.damping,
+            kfac_clip=self.kfac_clip,
+            kfac_update=self.kfac_update,
+            cold_iter=self.cold_iter,
+            cold_max_grad_norm=self.max_grad_norm,
+            inverse=self.kfac_inverse,
+        )
+
+    def train(self) -> None:
+        """
+        Update policy using the currently gathered rollout buffer (one K-FAC step over the whole data).
+        """
+        # Switch to train mode (this affects batch norm / dropout)
+        self.policy.set_training_mode(True)
+        optimizer: KFAC = self.policy.optimizer  # type: ignore[assignment]
+        self._update_learning_rate(optimizer)
+
+        # This will only loop once (get all data in one go)
+        for rollout_data in self.rollout_buffer.get(batch_size=None):
+            actions = rollout_data.actions
+            if isinstance(self.action_space, spaces.Discrete):
+                # Convert discrete action from float to long
+                actions = actions.long().flatten()
+
+            update_stats = self._n_updates % self.kfac_stats_interval == 0
+            with optimizer.collect() if update_stats else contextlib.nullcontext():
+                values, log_prob, entropy = self.policy.evaluate_actions(rollout_data.observations, actions)
+            values = values.flatten()
+
+            advantages = rollout_data.advantages
+            if self.normalize_advantage:
+                advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+
+            policy_loss = -(advantages * log_prob).mean()
+            value_loss = F.mse_loss(rollout_data.returns, values)
+            if entropy is None:
+                # Approximate entropy when no analytical form
+                entropy_loss = -th.mean(-log_prob)
+            else:
+                entropy_loss = -th.mean(entropy)
+            loss = policy_loss + self.ent_coef * entropy_loss + self.vf_coef * value_loss
+
+            if update_stats:
+                # Sampled Fisher loss on the same forward: the rollout actions are samples of the current policy;
+                # the value head is a unit-variance Gaussian whose sample is V + ε.
+                noisy_values = (values + th.randn_like(values)).detach()
+                fisher_loss = -log_prob.sum() - self.vf_fisher_coef * ((values - noisy_values) ** 2).sum()
+                optimizer.update_statistics(fisher_loss)
+
+            optimizer.zero_grad()
+            loss.backward()
+            th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
+            optimizer.step()
+
+        explained_var = explained_variance(self.rollout_buffer.values.flatten(), self.rollout_buffer.returns.flatten())
+
+        self._n_updates += 1
+        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
+        self.logger.record("train/explained_variance", explained_var)
+        self.logger.record("train/entropy_loss", entropy_loss.item())
+        self.logger.record("train/policy_loss", policy_loss.item())
+        self.logger.record("train/value_loss", value_loss.item())
+        self.logger.record("train/kfac_nu", optimizer.last_nu)
+        self.logger.record("train/kfac_quadratic_kl", optimizer.last_vfv)
+        self.logger.record("train/kfac_skipped_steps", optimizer.counters["skipped_steps"])
+        if hasattr(self.policy, "log_std"):
+            self.logger.record("train/std", th.exp(self.policy.log_std).mean().item())
+
+    def learn(
+        self: SelfACKTR,
+        total_timesteps: int,
+        callback: MaybeCallback = None,
+        log_interval: int = 100,
+        tb_log_name: str = "ACKTR",
+        reset_num_timesteps: bool = True,
+        progress_bar: bool = False,
+    ) -> SelfACKTR:
+        return super().learn(
+            total_timesteps=total_timesteps,
+            callback=callback,
+            log_interval=log_interval,
+            tb_log_name=tb_log_name,
+            reset_num_timesteps=reset_num_timesteps,
+            progress_bar=progress_bar,
+        )

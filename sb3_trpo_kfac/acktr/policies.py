@@ -1,0 +1,6 @@
+# ACKTR uses SB3's actor-critic policies unchanged (its K-FAC optimizer replaces `policy.optimizer`).
+from stable_baselines3.common.policies import ActorCriticCnnPolicy, ActorCriticPolicy, MultiInputActorCriticPolicy
+
+MlpPolicy = ActorCriticPolicy
+CnnPolicy = ActorCriticCnnPolicy
+MultiInputPolicy = MultiInputActorCriticPolicy

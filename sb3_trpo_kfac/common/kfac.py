@@ -1,0 +1,519 @@
+"""
+K-FAC: Kronecker-factored approximate curvature (Martens & Grosse 2015; KFC for convolutions, Grosse & Martens
+2016) with the trust-region step-size clipping of ACKTR (Wu et al. 2017), as a ``torch.optim.Optimizer``.
+
+Every ``nn.Linear`` and ``nn.Conv2d`` of the model is a block whose Fisher is approximated by ``A ⊗ G``:
+``A`` the second moment of the layer input (with a homogeneous 1 for the bias, so the block's parameters are
+``W̄ = [W, b]`` of shape ``out x (in + 1)``) and ``G`` that of the gradient of a *sampled* loss with respect to
+the layer output (pre-activation). The statistics are only gathered on request, from a Fisher loss you give,
+so plain forward passes (e.g. ``no_grad`` rollouts) are never counted and ``.grad`` is never touched by them.
+
+Supervised use (any ``nn.Module``)::
+
+    model = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 3))
+    optimizer = KFAC(model, lr=0.1, kfac_clip=0.01)
+    for x, y in loader:
+        with optimizer.collect():  # forward hooks save layer inputs / outputs
+            logits = model(x)
+        # Fisher loss: sum-reduced negative log-likelihood of targets sampled from the model itself
+        sampled = th.distributions.Categorical(logits=logits.detach()).sample()
+        optimizer.update_statistics(F.cross_entropy(logits, sampled, reduction="sum"))
+        optimizer.zero_grad()
+        F.cross_entropy(logits, y).backward()
+        optimizer.step()
+
+Parameters outside a block (normalisation layers, ``log_std``, embeddings, grouped convolutions) keep their
+raw gradient; they are counted in the trust region and scaled with the rest.
+"""
+
+import contextlib
+import math
+import numbers
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import torch as th
+from torch import nn
+from torch.nn import functional as F
+
+INVERSE_MODES = ("eigen", "inverse")
+# Eigenvalues below this are treated as exact zeros (numerical noise of eigh on a PSD matrix).
+EIGENVALUE_FLOOR = 1e-6
+
+
+def _check_number(name: str, value: object, low: float, high: float = math.inf, low_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`{name}` must be a number, got {type(value).__name__} ({value!r})")
+    value = float(value)
+    if not (value > low if low_open else value >= low) or value > high or value != value:
+        raise ValueError(f"`{name}` must be in {'(' if low_open else '['}{low}, {high}], got {value}")
+    return value
+
+
+def _check_int(name: str, value: object, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"`{name}` must be an int, got {type(value).__name__} ({value!r})")
+    if value < low:
+        raise ValueError(f"`{name}` must be >= {low}, got {value}")
+    return int(value)
+
+
+class KFACBlock:
+    """
+    One Kronecker-factored block: an ``nn.Linear`` or ``nn.Conv2d`` whose weight (and bias) are treated jointly
+    as the matrix ``W̄ = [W.view(out, -1), b]``.
+
+    :param name: qualified module name (for messages)
+    :param module: the layer
+    """
+
+    def __init__(self, name: str, module: nn.Module) -> None:
+        self.name = name
+        self.module = module
+        self.weight: nn.Parameter = module.weight
+        self.bias: nn.Parameter | None = module.bias if module.bias is not None and module.bias.requires_grad else None
+        self.is_conv = isinstance(module, nn.Conv2d)
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [self.weight] if self.bias is None else [self.weight, self.bias]
+
+    def to_matrix(self, weight_part: th.Tensor, bias_part: th.Tensor | None) -> th.Tensor:
+        """Stack a weight-shaped and a bias-shaped tensor into the ``out x (in + 1)`` block matrix."""
+        mat = weight_part.reshape(weight_part.shape[0], -1)
+        if self.bias is not None:
+            bias_part = th.zeros_like(self.bias) if bias_part is None else bias_part
+            mat = th.cat([mat, bias_part.reshape(-1, 1)], dim=1)
+        return mat
+
+    def from_matrix(self, mat: th.Tensor) -> tuple[th.Tensor, th.Tensor | None]:
+        """Inverse of :meth:`to_matrix`."""
+        if self.bias is None:
+            return mat.reshape(self.weight.shape), None
+        return mat[:, :-1].reshape(self.weight.shape), mat[:, -1].reshape(self.bias.shape)
+
+    def patches(self, x: th.Tensor) -> tuple[th.Tensor, int]:
+        """
+        Layer inputs as rows of the homogeneous input ``ā`` (one row per sample and spatial position).
+
+        :return: ``(ā, T)`` with ``T`` the number of positions per sample (1 for a linear layer)
+        """
+        if not self.is_conv:
+            x = x.reshape(-1, x.shape[-1])
+            positions = 1
+        else:
+            conv: nn.Conv2d = self.module  # type: ignore[assignment]
+            padding = conv.padding
+            if conv.padding_mode != "zeros":
+                x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+                padding = (0, 0)
+            elif padding == "valid":
+                padding = (0, 0)
+            # columns ordered as weight.view(out, -1): (channel, kernel row, kernel column)
+            cols = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride)
+            positions = cols.shape[-1]
+            x = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+        if self.bias is not None:
+            x = th.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
+        return x, positions
+
+
+class KFAC(th.optim.Optimizer):
+    """
+    K-FAC natural-gradient optimizer with ACKTR's trust-region clipping and momentum.
+
+    Update, with ``∇`` the gradient in ``.grad`` (plus ``weight_decay * p``) and ``V`` its preconditioned version
+    (``V = (A ⊗ G + damping)⁻¹ ∇`` per block, ``V = ∇`` for parameters outside blocks):
+    ``ν = min(1, sqrt(kfac_clip / (lr² Σ⟨V, ∇⟩)))``, ``buf ← momentum * buf + ν V``,
+    ``p ← p − lr (1 − momentum) buf`` (the form of OpenAI baselines' ``KfacOptimizer``).
+
+    Statistics: call the model inside :meth:`collect`, then :meth:`update_statistics` with a sum-reduced
+    *sampled* negative log-likelihood (the Fisher loss). Running averages of ``A`` and ``G`` are
+    eigendecomposed (or inverted) every ``kfac_update`` calls of :meth:`step`.
+    Steps before any statistics exist use the raw gradient (inside the same trust region).
+
+    :param model: the module whose ``nn.Linear`` / ``nn.Conv2d`` layers get K-FAC blocks
+    :param lr: learning rate η (also the scale in the trust region; change it via ``param_groups`` as usual)
+    :param momentum: SGD momentum ``m``; the step is ``lr * (1 - m)`` times the momentum buffer
+    :param stats_decay: running-average factor ρ of the Kronecker factors (``A ← ρ A + (1 − ρ) A_new``);
+        the first batch initialises them
+    :param damping: Tikhonov damping λ added to the Kronecker-factored Fisher
+    :param kfac_clip: trust-region radius κ on ``lr² Vᵀ F V``
+    :param kfac_update: recompute eigendecompositions (or inverses) every this many steps
+    :param weight_decay: L2 coefficient added to the gradient (and to the damping of the blocks)
+    :param cold_iter: number of initial steps that use plain momentum SGD with gradient-norm clipping
+        (statistics are still gathered during them)
+    :param cold_max_grad_norm: global gradient-norm clip of the cold-start steps
+    :param inverse: ``"eigen"`` (default): exact inverse of ``A ⊗ G + λI`` via eigendecompositions;
+        ``"inverse"``: cheaper factored damping ``(A + π√λ I)⁻¹ ⊗ (G + √λ/π I)⁻¹``, π the ratio of the average
+        eigenvalues (traces / dimension) of ``A`` and ``G``
+    :param modules: layers to cover (default: every ``nn.Linear`` / ``nn.Conv2d`` in ``model``)
+    :param params: parameters to optimize (default: all parameters of ``model`` that require grad)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 0.25,
+        momentum: float = 0.9,
+        stats_decay: float = 0.99,
+        damping: float = 0.01,
+        kfac_clip: float = 0.001,
+        kfac_update: int = 1,
+        weight_decay: float = 0.0,
+        cold_iter: int = 0,
+        cold_max_grad_norm: float = 0.5,
+        inverse: str = "eigen",
+        modules: Iterable[nn.Module] | None = None,
+        params: Iterable[nn.Parameter] | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+        lr = _check_number("lr", lr, 0.0)
+        momentum = _check_number("momentum", momentum, 0.0, 1.0)
+        if momentum == 1.0:
+            raise ValueError("`momentum` must be < 1 (the step is lr * (1 - momentum))")
+        weight_decay = _check_number("weight_decay", weight_decay, 0.0)
+        self.stats_decay = _check_number("stats_decay", stats_decay, 0.0, 1.0)
+        if self.stats_decay == 1.0:
+            raise ValueError("`stats_decay` must be < 1, otherwise the statistics never change")
+        self.damping = _check_number("damping", damping, 0.0, low_open=True)
+        self.kfac_clip = _check_number("kfac_clip", kfac_clip, 0.0, low_open=True)
+        self.kfac_update = _check_int("kfac_update", kfac_update, 1)
+        self.cold_iter = _check_int("cold_iter", cold_iter, 0)
+        self.cold_max_grad_norm = _check_number("cold_max_grad_norm", cold_max_grad_norm, 0.0, low_open=True)
+        if inverse not in INVERSE_MODES:
+            raise ValueError(f"`inverse` must be one of {INVERSE_MODES}, got {inverse!r}")
+        self.inverse = inverse
+
+        param_list = list(model.parameters() if params is None else params)
+        param_list = list({id(p): p for p in param_list if p.requires_grad}.values())
+        if not param_list:
+            raise ValueError("`params`: no parameter requires grad")
+        super().__init__(param_list, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+
+        self.blocks = self._make_blocks(model, modules, {id(p) for p in param_list})
+        self._block_of = {id(p): block for block in self.blocks for p in block.params}
+        self._collecting = False
+        # per block: list of (input, output) pairs saved inside collect()
+        self._saved: dict[KFACBlock, list[tuple[th.Tensor, th.Tensor]]] = {}
+        self._hooks = [block.module.register_forward_hook(self._make_hook(block)) for block in self.blocks]
+        self.counters: dict[str, int] = dict(
+            steps=0,  # calls of step()
+            updates=0,  # steps that changed the parameters
+            skipped_steps=0,  # steps refused because of a non-finite gradient or trust-region scale
+            stats_updates=0,  # successful update_statistics() calls
+            skipped_stats=0,  # statistics refused because they were not finite
+            curvature_updates=0,  # eigendecompositions / inversions of all factors
+            stats_at_curvature=0,  # stats_updates at the last curvature update
+            decomposition_failures=0,  # factors whose decomposition failed (previous one kept)
+        )
+        # diagnostics of the last step (for logging)
+        self.last_nu = float("nan")
+        self.last_vfv = float("nan")
+
+    # ------------------------------------------------------------------ blocks and hooks
+    @staticmethod
+    def _make_blocks(model: nn.Module, modules: Iterable[nn.Module] | None, param_ids: set[int]) -> list[KFACBlock]:
+        names = {id(module): name for name, module in model.named_modules()}
+        if modules is None:
+            candidates = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        else:
+            candidates = list(modules)
+            for module in candidates:
+                if not isinstance(module, (nn.Linear, nn.Conv2d)):
+                    raise TypeError(f"`modules`: K-FAC blocks exist for nn.Linear and nn.Conv2d, got {type(module).__name__}")
+        blocks, seen = [], set()
+        for module in candidates:
+            if id(module) in seen or id(module.weight) not in param_ids or not module.weight.requires_grad:
+                continue
+            seen.add(id(module))
+            name = names.get(id(module), type(module).__name__)
+            if isinstance(module, nn.Conv2d) and module.groups != 1:
+                warnings.warn(f"KFAC: {name} is a grouped convolution (groups={module.groups}); it keeps its raw gradient")
+                continue
+            if isinstance(module, nn.Conv2d) and module.padding == "same":
+                warnings.warn(f"KFAC: {name} uses padding='same'; it keeps its raw gradient")
+                continue
+            if module.bias is not None and module.bias.requires_grad and id(module.bias) not in param_ids:
+                warnings.warn(f"KFAC: the bias of {name} is not optimized; the layer keeps its raw gradient")
+                continue
+            blocks.append(KFACBlock(name, module))
+        return blocks
+
+    def _make_hook(self, block: KFACBlock) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: tuple[th.Tensor, ...], output: th.Tensor) -> None:
+            # only inside collect() and only for forwards that build a graph
+            if self._collecting and th.is_grad_enabled() and output.requires_grad:
+                self._saved.setdefault(block, []).append((inputs[0].detach(), output))
+
+        return hook
+
+    def remove_hooks(self) -> None:
+        """Detach the forward hooks from the model (the optimizer then only uses the statistics it has)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    # ------------------------------------------------------------------ statistics
+    @contextlib.contextmanager
+    def collect(self) -> Iterator[None]:
+        """Context in which forward passes of covered layers are saved for :meth:`update_statistics`."""
+        self._saved = {}
+        self._collecting = True
+        try:
+            yield
+        finally:
+            self._collecting = False
+
+    def update_statistics(self, fisher_loss: th.Tensor) -> bool:
+        """
+        Update the running Kronecker factors from the forwards saved in the last :meth:`collect`.
+
+        ``δ = ∂ fisher_loss / ∂ (layer output)`` by ``torch.autograd.grad`` (graph retained, ``.grad`` untouched).
+        Linear: ``A = mean ā āᵀ``, ``G = mean δ δᵀ`` over samples. Conv2d (KFC, baselines' scaling), ``T`` positions:
+        ``A = Σ (ā/T)(ā/T)ᵀ / N``, ``G = T² · mean δ δᵀ`` over samples x positions.
+
+        :param fisher_loss: scalar, *sum* over the N samples of the sampled negative log-likelihood
+        :return: whether the statistics were updated (False if nothing was saved or they were not finite)
+        """
+        saved, self._saved = self._saved, {}
+        calls = [(block, x, out) for block, pairs in saved.items() for x, out in pairs]
+        if not calls:
+            warnings.warn("KFAC.update_statistics: no forward of a covered layer was saved; call the model inside collect()")
+            return False
+        deltas = th.autograd.grad(fisher_loss, [out for _, _, out in calls], retain_graph=True, allow_unused=True)
+        new_factors: dict[KFACBlock, list[Any]] = {}
+        with th.no_grad():
+            for (block, x, out), delta in zip(calls, deltas):
+                if delta is None:
+                    continue
+                a_bar, positions = block.patches(x)
+                if block.is_conv:
+                    delta = delta.transpose(1, -1).reshape(-1, delta.shape[1])  # (N*T, out), any spatial order
+                    n_samples = x.shape[0]
+                else:
+                    delta = delta.reshape(-1, delta.shape[-1])
+                    n_samples = delta.shape[0]
+                a_sum = a_bar.T @ a_bar / positions**2
+                g_sum = (delta.T @ delta) * positions
+                acc = new_factors.setdefault(block, [0.0, 0.0, 0])
+                acc[0], acc[1], acc[2] = acc[0] + a_sum, acc[1] + g_sum, acc[2] + n_samples
+            factors = {block: (a / n, g / n) for block, (a, g, n) in new_factors.items()}
+            if not all(th.isfinite(a).all() and th.isfinite(g).all() for a, g in factors.values()):
+                self.counters["skipped_stats"] += 1
+                warnings.warn("KFAC.update_statistics: non-finite statistics were ignored")
+                return False
+            for block, (a_new, g_new) in factors.items():
+                state = self.state[block.weight]
+                if "A" not in state:
+                    state["A"], state["G"] = a_new.clone(), g_new.clone()
+                else:
+                    state["A"].lerp_(a_new, 1.0 - self.stats_decay)
+                    state["G"].lerp_(g_new, 1.0 - self.stats_decay)
+        self.counters["stats_updates"] += 1
+        return True
+
+    # ------------------------------------------------------------------ curvature
+    def _decompose(self, name: str, mat: th.Tensor, previous: tuple[th.Tensor, th.Tensor] | None) -> tuple[th.Tensor, th.Tensor] | None:
+        """Eigendecomposition with eigenvalue clamping, a float64 retry, and the previous basis as fallback."""
+        for dtype in (mat.dtype, th.float64):
+            try:
+                evals, evecs = th.linalg.eigh(mat.to(dtype))
+            except RuntimeError:
+                continue
+            if th.isfinite(evals).all() and th.isfinite(evecs).all():
+                evals = th.where(evals < EIGENVALUE_FLOOR, th.zeros_like(evals), evals)
+                return evals.to(mat.dtype), evecs.to(mat.dtype)
+        self.counters["decomposition_failures"] += 1
+        warnings.warn(f"KFAC: eigendecomposition of a factor of {name} failed; keeping the previous basis")
+        return previous
+
+    def _invert(self, name: str, mat: th.Tensor, shift: float, previous: th.Tensor | None) -> th.Tensor | None:
+        """Inverse of ``mat + shift I`` (Cholesky), with a float64 retry and the previous inverse as fallback."""
+        for dtype in (mat.dtype, th.float64):
+            shifted = mat.to(dtype) + shift * th.eye(mat.shape[0], dtype=dtype, device=mat.device)
+            chol, info = th.linalg.cholesky_ex(shifted)
+            if info.item() == 0:
+                inv = th.cholesky_inverse(chol)
+                if th.isfinite(inv).all():
+                    return inv.to(mat.dtype)
+        self.counters["decomposition_failures"] += 1
+        warnings.warn(f"KFAC: inversion of a factor of {name} failed; keeping the previous inverse")
+        return previous
+
+    def _block_damping(self) -> float:
+        return self.damping + self.param_groups[0]["weight_decay"]
+
+    @th.no_grad()
+    def update_preconditioner(self) -> None:
+        """Recompute the eigendecompositions (or inverses) of all running factors now."""
+        damping = self._block_damping()
+        for block in self.blocks:
+            state = self.state[block.weight]
+            if "A" not in state:
+                continue
+            if self.inverse == "eigen":
+                for key, q_key, d_key in (("A", "QA", "dA"), ("G", "QG", "dG")):
+                    previous = (state[d_key], state[q_key]) if q_key in state else None
+                    result = self._decompose(block.name, state[key], previous)
+                    if result is not None:
+                        state[d_key], state[q_key] = result
+            else:
+                dim_a, dim_g = state["A"].shape[0], state["G"].shape[0]
+                mean_a, mean_g = state["A"].trace() / dim_a, state["G"].trace() / dim_g
+                pi = math.sqrt(mean_a / mean_g) if mean_a > 0 and mean_g > 0 else 1.0
+                root = math.sqrt(damping)
+                for key, shift in (("A", pi * root), ("G", root / pi)):
+                    inv = self._invert(block.name, state[key], shift, state.get(key + "_inv"))
+                    if inv is not None:
+                        state[key + "_inv"] = inv
+        self.counters["curvature_updates"] += 1
+        self.counters["stats_at_curvature"] = self.counters["stats_updates"]
+
+    def _solve(self, block: KFACBlock, mat: th.Tensor) -> th.Tensor | None:
+        """``(A ⊗ G + λI)⁻¹ vec(mat)`` for one block matrix, or None if the block has no curvature yet."""
+        state = self.state[block.weight]
+        if self.inverse == "eigen":
+            if "QA" not in state:
+                return None
+            q_a, q_g = state["QA"], state["QG"]
+            rotated = q_g.T @ mat @ q_a
+            rotated = rotated / (th.outer(state["dG"], state["dA"]) + self._block_damping())
+            return q_g @ rotated @ q_a.T
+        if "A_inv" not in state:
+            return None
+        return state["G_inv"] @ mat @ state["A_inv"]
+
+    def precondition(self, params: Sequence[nn.Parameter], vectors: Sequence[th.Tensor]) -> list[th.Tensor]:
+        """
+        Apply the current K-FAC inverse to vectors given per parameter (e.g. as a CG preconditioner).
+
+        For a covered layer, weight and bias vectors are solved jointly (a missing one counts as zero and is not
+        returned); other vectors, and layers without statistics, are returned unchanged. The current
+        eigenbasis / inverses are used (computed now if statistics exist but were never decomposed); call
+        :meth:`update_preconditioner` to refresh them after :meth:`update_statistics`.
+
+        :param params: parameters the vectors belong to
+        :param vectors: one tensor per parameter, of the parameter's shape
+        :return: the preconditioned vectors, in the same order
+        """
+        if len(params) != len(vectors):
+            raise ValueError(f"`params` and `vectors` differ in length ({len(params)} vs {len(vectors)})")
+        if self.counters["curvature_updates"] == 0 and self.counters["stats_updates"] > 0:
+            self.update_preconditioner()
+        given = {id(p): v for p, v in zip(params, vectors)}
+        out = {id(p): v for p, v in zip(params, vectors)}
+        with th.no_grad():
+            for block in self.blocks:
+                if not any(id(p) in given for p in block.params):
+                    continue
+                w_vec = given.get(id(block.weight), th.zeros_like(block.weight))
+                b_vec = given.get(id(block.bias)) if block.bias is not None else None
+                solved = self._solve(block, block.to_matrix(w_vec, b_vec))
+                if solved is None:
+                    continue
+                w_new, b_new = block.from_matrix(solved)
+                for p, v in ((block.weight, w_new), (block.bias, b_new)):
+                    if p is not None and id(p) in out:
+                        out[id(p)] = v
+        return [out[id(p)] for p in params]
+
+    # ------------------------------------------------------------------ step
+    @th.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """
+        One K-FAC (or cold-start) step from the gradients in ``.grad``.
+
+        A step whose preconditioned gradient or trust-region scale is not finite changes nothing (counted in
+        ``counters["skipped_steps"]``).
+
+        :param closure: optional closure re-evaluating the loss (and its gradients)
+        :return: the closure's loss, if any
+        """
+        loss = None
+        if closure is not None:
+            with th.enable_grad():
+                loss = closure()
+        group = self.param_groups[0]
+        lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
+        self.counters["steps"] += 1
+
+        grads: dict[int, th.Tensor] = {}
+        for p in group["params"]:
+            if p.grad is not None:
+                grads[id(p)] = p.grad + weight_decay * p if weight_decay > 0 else p.grad
+        if not grads:
+            return loss
+
+        new_stats = self.counters["stats_updates"] > self.counters["stats_at_curvature"]
+        due = self.counters["curvature_updates"] == 0 or self.counters["steps"] % self.kfac_update == 0
+        if new_stats and due:
+            self.update_preconditioner()
+
+        cold = self.counters["updates"] < self.cold_iter
+        if cold:
+            directions = dict(grads)
+            norm = th.linalg.vector_norm(th.stack([th.linalg.vector_norm(g) for g in directions.values()]))
+            clip = min(1.0, self.cold_max_grad_norm / (float(norm) + 1e-6))
+            directions = {k: g * clip for k, g in directions.items()}
+        else:
+            directions = dict(grads)
+            for block in self.blocks:
+                if id(block.weight) not in grads and (block.bias is None or id(block.bias) not in grads):
+                    continue
+                mat = block.to_matrix(
+                    grads.get(id(block.weight), th.zeros_like(block.weight)),
+                    grads.get(id(block.bias)) if block.bias is not None else None,
+                )
+                solved = self._solve(block, mat)
+                if solved is None:
+                    continue
+                w_dir, b_dir = block.from_matrix(solved)
+                directions[id(block.weight)] = w_dir
+                if block.bias is not None:
+                    directions[id(block.bias)] = b_dir
+
+        # quadratic model of the KL of the step: lr² Vᵀ F V = lr² Vᵀ ∇ (V = F⁻¹ ∇); raw gradients count with F = I
+        vfv = lr**2 * sum((directions[k] * grads[k]).sum() for k in grads)
+        vfv = float(vfv)
+        if cold:
+            nu = 1.0
+        elif vfv > 0:
+            nu = min(1.0, math.sqrt(self.kfac_clip / vfv))
+        else:
+            nu = 1.0
+        self.last_vfv, self.last_nu = vfv, nu
+        if not (math.isfinite(vfv) and math.isfinite(nu)):
+            self.counters["skipped_steps"] += 1
+            return loss
+
+        for p in group["params"]:
+            if id(p) not in directions:
+                continue
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = th.zeros_like(p)
+            buf = state["momentum_buffer"]
+            buf.mul_(momentum).add_(directions[id(p)], alpha=nu)
+            p.add_(buf, alpha=-lr * (1.0 - momentum))
+        self.counters["updates"] += 1
+        return loss
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def state_dict(self) -> dict[str, Any]:
+        """Per-parameter state (momentum buffers, factors, eigenbases / inverses), param groups and counters."""
+        state_dict = super().state_dict()
+        state_dict["kfac_counters"] = dict(self.counters)
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """
+        :param state_dict: as returned by :meth:`state_dict`
+        """
+        state_dict = dict(state_dict)
+        counters = state_dict.pop("kfac_counters", None)
+        super().load_state_dict(state_dict)
+        if counters is not None:
+            self.counters.update(counters)

@@ -1,0 +1,400 @@
+"""K-FAC optimizer: factors, solves and the trust region against dense float64 oracles; bookkeeping; robustness."""
+
+import copy
+import io
+
+import pytest
+import torch as th
+from torch import nn
+from torch.nn import functional as F
+
+from sb3_trpo_kfac.common.kfac import KFAC
+
+
+def _mlp() -> nn.Module:
+    th.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+
+
+def _sample_loss(out: th.Tensor, target: th.Tensor) -> th.Tensor:
+    """A per-sample loss with a nonlinear dependence on the output (sum over samples)."""
+    return (th.tanh(out) * target).sum() + 0.3 * (out**2).sum()
+
+
+def _dense_kfac(blocks_factors: list[tuple[th.Tensor, th.Tensor]], damping: float, extra: int = 0) -> th.Tensor:
+    """Block-diagonal dense (A ⊗ G + λI) in row-major vec of W̄ = [W, b]; identity for ``extra`` raw coordinates."""
+    mats = [th.kron(g, a) + damping * th.eye(a.shape[0] * g.shape[0], dtype=a.dtype) for a, g in blocks_factors]
+    if extra:
+        mats.append(th.eye(extra, dtype=th.float64))
+    return th.block_diag(*mats)
+
+
+def _wbar(layer: nn.Module, weight_part: th.Tensor, bias_part: th.Tensor) -> th.Tensor:
+    return th.cat([weight_part.reshape(weight_part.shape[0], -1), bias_part.reshape(-1, 1)], dim=1)
+
+
+def test_linear_factors_match_per_sample_definition():
+    model = _mlp()
+    opt = KFAC(model)
+    x, target = th.randn(7, 3, dtype=th.float64), th.randn(7, 2, dtype=th.float64)
+    with opt.collect():
+        out = model(x)
+    opt.update_statistics(_sample_loss(out, target))
+
+    # oracle: per-sample layer inputs and output gradients by explicit loops
+    first, last = model[0], model[2]
+    inputs = {first: [], last: []}
+    deltas = {first: [], last: []}
+    for i in range(7):
+        pre1 = first(x[i : i + 1])
+        h = th.tanh(pre1)
+        pre2 = last(h)
+        loss_i = _sample_loss(pre2, target[i : i + 1])
+        d1, d2 = th.autograd.grad(loss_i, [pre1, pre2])
+        inputs[first].append(th.cat([x[i], th.ones(1, dtype=th.float64)]))
+        inputs[last].append(th.cat([h[0].detach(), th.ones(1, dtype=th.float64)]))
+        deltas[first].append(d1[0])
+        deltas[last].append(d2[0])
+    for layer in (first, last):
+        a_ref = sum(th.outer(a, a) for a in inputs[layer]) / 7
+        g_ref = sum(th.outer(d, d) for d in deltas[layer]) / 7
+        th.testing.assert_close(opt.state[layer.weight]["A"], a_ref)
+        th.testing.assert_close(opt.state[layer.weight]["G"], g_ref)
+
+    # second batch: running average with stats_decay
+    a_old, g_old = opt.state[first.weight]["A"].clone(), opt.state[first.weight]["G"].clone()
+    x2 = th.randn(4, 3, dtype=th.float64)
+    with opt.collect():
+        out = model(x2)
+    opt.update_statistics(_sample_loss(out, target[:4]))
+    a_new = th.cat([x2, th.ones(4, 1, dtype=th.float64)], 1)
+    a_new = a_new.T @ a_new / 4
+    th.testing.assert_close(opt.state[first.weight]["A"], 0.99 * a_old + 0.01 * a_new)
+    assert not th.equal(opt.state[first.weight]["G"], g_old)
+
+
+@pytest.mark.parametrize(
+    "conv_kwargs",
+    [
+        dict(kernel_size=3, stride=1, padding=0, dilation=1),
+        dict(kernel_size=3, stride=2, padding=1, dilation=2),
+        dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2)),
+    ],
+)
+def test_conv_factors_match_per_sample_definition(conv_kwargs):
+    th.manual_seed(1)
+    conv = nn.Conv2d(2, 3, **conv_kwargs).double()
+    head = nn.Linear(1, 1).double()  # not used: only the conv block is checked
+    model = nn.ModuleDict(dict(conv=conv, head=head))
+    opt = KFAC(model)
+    n = 3
+    x = th.randn(n, 2, 7, 6, dtype=th.float64)
+    target = th.randn_like(conv(x))
+    with opt.collect():
+        out = model["conv"](x)
+    opt.update_statistics(_sample_loss(out, target))
+
+    # oracle: explicit patches from the zero-padded input, per sample and output position
+    kh, kw = conv.kernel_size
+    sh, sw = conv.stride
+    ph, pw = conv.padding
+    dh, dw = conv.dilation
+    padded = F.pad(x, (pw, pw, ph, ph))
+    out_ref = conv(x)
+    delta = th.autograd.grad(_sample_loss(out_ref, target), out_ref)[0]
+    ho, wo = out_ref.shape[2:]
+    positions = ho * wo
+    a_ref = th.zeros(2 * kh * kw + 1, 2 * kh * kw + 1, dtype=th.float64)
+    g_ref = th.zeros(3, 3, dtype=th.float64)
+    w_mat = conv.weight.reshape(3, -1)
+    for i in range(n):
+        for oy in range(ho):
+            for ox in range(wo):
+                patch = th.stack(
+                    [padded[i, c, oy * sh + ky * dh, ox * sw + kx * dw] for c in range(2) for ky in range(kh) for kx in range(kw)]
+                )
+                # the oracle's patch layout is the one of weight.view(out, -1)
+                th.testing.assert_close(w_mat @ patch + conv.bias, out_ref[i, :, oy, ox])
+                a_bar = th.cat([patch, th.ones(1, dtype=th.float64)]) / positions
+                a_ref += th.outer(a_bar, a_bar) / n
+                d = delta[i, :, oy, ox]
+                g_ref += positions**2 * th.outer(d, d) / (n * positions)
+    th.testing.assert_close(opt.state[conv.weight]["A"], a_ref.detach())
+    th.testing.assert_close(opt.state[conv.weight]["G"], g_ref)
+    assert "A" not in opt.state[head.weight]  # a layer outside the forward gets no statistics
+
+
+def _fit_statistics(model: nn.Module, opt: KFAC, batches: int = 3, n: int = 32) -> None:
+    for _ in range(batches):
+        x = th.randn(n, 3, dtype=th.float64)
+        with opt.collect():
+            out = model(x)
+        opt.update_statistics(_sample_loss(out, th.randn(n, 2, dtype=th.float64)))
+
+
+def _loss_and_grads(model: nn.Module, opt: KFAC) -> None:
+    opt.zero_grad()
+    x = th.randn(16, 3, dtype=th.float64)
+    (model(x) ** 3).sum().backward()
+
+
+@pytest.mark.parametrize("inverse", ["eigen", "inverse"])
+def test_preconditioned_gradient_matches_dense_solve(inverse):
+    model = _mlp()
+    scale = nn.Parameter(th.ones(2, dtype=th.float64))  # outside any block: raw gradient
+    damping = 0.05
+    opt = KFAC(model, lr=1.0, momentum=0.0, kfac_clip=1e9, damping=damping, inverse=inverse, params=[*model.parameters(), scale])
+    _fit_statistics(model, opt)
+    opt.zero_grad()
+    x = th.randn(16, 3, dtype=th.float64)
+    ((model(x) * scale) ** 3).sum().backward()
+    layers = [model[0], model[2]]
+    grads = [_wbar(layer, layer.weight.grad, layer.bias.grad) for layer in layers]
+    scale_grad = scale.grad.clone()
+    before = [_wbar(layer, layer.weight.detach(), layer.bias.detach()).clone() for layer in layers]
+    scale_before = scale.detach().clone()
+    opt.step()
+    assert opt.last_nu == 1.0
+
+    for layer, grad, old in zip(layers, grads, before):
+        a, g = opt.state[layer.weight]["A"], opt.state[layer.weight]["G"]
+        if inverse == "eigen":
+            dense = th.kron(g, a) + damping * th.eye(a.shape[0] * g.shape[0], dtype=th.float64)
+        else:
+            pi = ((a.trace() / a.shape[0]) / (g.trace() / g.shape[0])).sqrt()
+            eye_a, eye_g = th.eye(a.shape[0], dtype=th.float64), th.eye(g.shape[0], dtype=th.float64)
+            dense = th.kron(g + damping**0.5 / pi * eye_g, a + pi * damping**0.5 * eye_a)
+        expected = th.linalg.solve(dense, grad.flatten()).reshape(grad.shape)
+        step = old - _wbar(layer, layer.weight.detach(), layer.bias.detach())  # lr = 1, momentum 0
+        th.testing.assert_close(step, expected)
+        # the public preconditioner gives the same solve (weight and bias jointly)
+        w_out, b_out = opt.precondition([layer.weight, layer.bias], [layer.weight.grad, layer.bias.grad])
+        th.testing.assert_close(_wbar(layer, w_out, b_out), expected)
+    th.testing.assert_close(scale_before - scale.detach(), scale_grad)
+    assert opt.precondition([scale], [scale_grad])[0] is scale_grad
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_step_quadratic_kl_within_clip(momentum):
+    model = _mlp()
+    log_std = nn.Parameter(th.zeros(2, dtype=th.float64))
+    kfac_clip, damping, lr = 1e-3, 0.01, 0.5
+    opt = KFAC(model, lr=lr, momentum=momentum, kfac_clip=kfac_clip, damping=damping, params=[*model.parameters(), log_std])
+    _fit_statistics(model, opt)
+    opt.zero_grad()
+    x = th.randn(16, 3, dtype=th.float64)
+    ((model(x) * log_std.exp()) ** 3).sum().backward()
+    before = {p: p.detach().clone() for p in opt.param_groups[0]["params"]}
+    opt.step()
+    assert 0 < opt.last_nu < 1, "the clip should be active with this radius"
+    deltas, factors = [], []
+    for layer in (model[0], model[2]):
+        deltas.append(_wbar(layer, layer.weight - before[layer.weight], layer.bias - before[layer.bias]).flatten())
+        factors.append((opt.state[layer.weight]["A"], opt.state[layer.weight]["G"]))
+    deltas.append(log_std - before[log_std])
+    delta = th.cat(deltas).detach()
+    fisher = _dense_kfac(factors, damping, extra=2)  # log_std keeps its raw gradient: identity block
+    quadratic = float(delta @ fisher @ delta)
+    # the step is lr (1 - m) ν V with lr² ν² Vᵀ F V = kfac_clip on the boundary
+    assert quadratic <= kfac_clip * (1 + 1e-6)
+    assert quadratic == pytest.approx(kfac_clip * (1 - momentum) ** 2, rel=1e-6)
+
+
+def test_statistics_only_inside_collect_and_with_grad():
+    model = _mlp()
+    opt = KFAC(model)
+    x = th.randn(5, 3, dtype=th.float64)
+    model(x)  # outside collect()
+    with opt.collect():
+        with th.no_grad():
+            model(x)  # rollout-style forward: never counted
+    with pytest.warns(UserWarning, match="no forward"):
+        assert opt.update_statistics(th.zeros((), dtype=th.float64, requires_grad=True)) is False
+    assert all("A" not in opt.state[p] for p in model.parameters())
+    assert opt.counters["stats_updates"] == 0
+
+    with opt.collect():
+        out = model(x)
+    model(x)  # after collect(): not saved, statistics come from the 5 samples above only
+    opt.update_statistics(_sample_loss(out, th.randn(5, 2, dtype=th.float64)))
+    a_ref = th.cat([x, th.ones(5, 1, dtype=th.float64)], 1)
+    th.testing.assert_close(opt.state[model[0].weight]["A"], a_ref.T @ a_ref / 5)
+
+
+def test_statistics_leave_grad_untouched():
+    model = _mlp()
+    opt = KFAC(model)
+    model[0].weight.grad = th.full_like(model[0].weight, 3.0)
+    x = th.randn(5, 3, dtype=th.float64)
+    with opt.collect():
+        out = model(x)
+    opt.update_statistics(_sample_loss(out, th.randn(5, 2, dtype=th.float64)))
+    assert th.equal(model[0].weight.grad, th.full_like(model[0].weight, 3.0))
+    assert model[2].weight.grad is None and model[0].bias.grad is None
+    out.sum().backward()  # the graph was retained for the training loss
+    assert model[2].weight.grad is not None
+
+
+def _train_steps(model: nn.Module, opt: KFAC, steps: int, seed: int) -> None:
+    gen = th.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = th.randn(16, 3, dtype=th.float64, generator=gen)
+        y = th.randn(16, 2, dtype=th.float64, generator=gen)
+        with opt.collect():
+            out = model(x)
+        opt.update_statistics(_sample_loss(out, y))
+        opt.zero_grad()
+        F.mse_loss(out, y).backward()
+        opt.step()
+
+
+def test_state_dict_round_trip():
+    model = _mlp()
+    opt = KFAC(model, lr=0.1, kfac_update=3)
+    _train_steps(model, opt, 4, seed=0)
+    buffer = io.BytesIO()
+    th.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+
+    clone = copy.deepcopy(model)
+    opt2 = KFAC(clone, lr=0.1, kfac_update=3)
+    opt2.load_state_dict(th.load(buffer, weights_only=False))
+    assert opt2.counters == opt.counters
+    for p, q in zip(model.parameters(), clone.parameters()):
+        assert opt.state[p].keys() == opt2.state[q].keys()
+        for key in opt.state[p]:
+            assert th.equal(opt.state[p][key], opt2.state[q][key]), key
+    assert {"A", "G", "QA", "QG", "dA", "dG", "momentum_buffer"} <= set(opt2.state[clone[0].weight])
+    # identical continuation (eigenbasis refresh period included)
+    _train_steps(model, opt, 4, seed=1)
+    _train_steps(clone, opt2, 4, seed=1)
+    for p, q in zip(model.parameters(), clone.parameters()):
+        assert th.equal(p, q)
+
+
+def test_supervised_classification_loss_drops():
+    th.manual_seed(0)
+    n, classes = 256, 3
+    centers = th.randn(classes, 2) * 2.0
+    labels = th.randint(classes, (n,))
+    x = centers[labels] + 0.7 * th.randn(n, 2)
+    model = nn.Sequential(nn.Linear(2, 32), nn.Tanh(), nn.Linear(32, classes))
+    opt = KFAC(model, lr=0.1, kfac_clip=0.01, kfac_update=2)
+    initial = F.cross_entropy(model(x), labels).item()
+    for _ in range(40):
+        with opt.collect():
+            logits = model(x)
+        sampled = th.distributions.Categorical(logits=logits.detach()).sample()
+        opt.update_statistics(F.cross_entropy(logits, sampled, reduction="sum"))
+        opt.zero_grad()
+        F.cross_entropy(logits, labels).backward()
+        opt.step()
+    final = F.cross_entropy(model(x), labels).item()
+    assert final < 0.3 * initial, (initial, final)
+
+
+def test_conv_model_trains_and_grouped_conv_is_skipped():
+    th.manual_seed(0)
+    with pytest.warns(UserWarning, match="grouped convolution"):
+        model = nn.Sequential(
+            nn.Conv2d(2, 4, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(4, 4, 3, groups=2),
+            nn.Flatten(),
+            nn.Linear(4 * 2 * 2, 1),
+        )
+        opt = KFAC(model, lr=0.1, kfac_clip=0.01)
+    assert [block.name for block in opt.blocks] == ["0", "4"]
+    x, y = th.randn(32, 2, 8, 8), th.randn(32, 1)
+    initial = F.mse_loss(model(x), y).item()
+    for _ in range(30):
+        with opt.collect():
+            out = model(x)
+        opt.update_statistics(((out - (out + th.randn_like(out)).detach()) ** 2).sum())
+        opt.zero_grad()
+        F.mse_loss(out, y).backward()
+        opt.step()
+    assert F.mse_loss(model(x), y).item() < 0.7 * initial
+
+
+def test_non_finite_gradient_never_reaches_parameters():
+    model = _mlp()
+    opt = KFAC(model, lr=0.1)
+    _train_steps(model, opt, 2, seed=0)
+    before = [p.detach().clone() for p in model.parameters()]
+    buffers = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    for bad in (float("inf"), float("nan")):
+        opt.zero_grad()
+        (model(th.randn(4, 3, dtype=th.float64)).sum() * th.tensor(bad, dtype=th.float64)).backward()
+        opt.step()
+        for p, old, buf in zip(model.parameters(), before, buffers):
+            assert th.equal(p, old)
+            assert th.equal(opt.state[p]["momentum_buffer"], buf)
+    assert opt.counters["skipped_steps"] == 2
+
+    # non-finite statistics are refused too (the factors stay finite)
+    with opt.collect():
+        out = model(th.randn(4, 3, dtype=th.float64))
+    with pytest.warns(UserWarning, match="non-finite"):
+        assert not opt.update_statistics((out * float("inf")).sum())
+    assert all(th.isfinite(opt.state[block.weight]["A"]).all() for block in opt.blocks)
+
+
+def test_decomposition_failure_keeps_previous_basis(monkeypatch):
+    model = _mlp()
+    opt = KFAC(model, lr=0.1)
+    _train_steps(model, opt, 1, seed=0)
+    basis = opt.state[model[0].weight]["QA"].clone()
+
+    def broken_eigh(*args, **kwargs):
+        raise th.linalg.LinAlgError("simulated failure")
+
+    monkeypatch.setattr(th.linalg, "eigh", broken_eigh)
+    with pytest.warns(UserWarning, match="keeping the previous basis"):
+        _train_steps(model, opt, 1, seed=1)
+    assert opt.counters["decomposition_failures"] == 4  # A and G of two layers
+    assert th.equal(opt.state[model[0].weight]["QA"], basis)
+
+
+def test_cold_start_is_clipped_momentum_sgd():
+    model = _mlp()
+    opt = KFAC(model, lr=0.5, momentum=0.0, cold_iter=1, cold_max_grad_norm=1e-3)
+    before = [p.detach().clone() for p in model.parameters()]
+    _train_steps(model, opt, 1, seed=0)
+    step_norm = th.cat([(p.detach() - old).flatten() for p, old in zip(model.parameters(), before)]).norm()
+    assert float(step_norm.detach()) == pytest.approx(0.5 * 1e-3, rel=1e-3)
+
+
+def test_learning_rate_is_read_from_param_groups():
+    steps = []
+    for lr in (0.1, 0.2):
+        model = _mlp()
+        opt = KFAC(model, lr=1.0, momentum=0.0, kfac_clip=1e9)
+        opt.param_groups[0]["lr"] = lr
+        before = model[0].weight.detach().clone()
+        _train_steps(model, opt, 1, seed=0)
+        steps.append(model[0].weight.detach() - before)
+    th.testing.assert_close(steps[1], 2 * steps[0])
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, name",
+    [
+        (dict(lr=-1.0), ValueError, "lr"),
+        (dict(momentum=1.0), ValueError, "momentum"),
+        (dict(stats_decay=1.5), ValueError, "stats_decay"),
+        (dict(damping=0.0), ValueError, "damping"),
+        (dict(kfac_clip=-1.0), ValueError, "kfac_clip"),
+        (dict(kfac_update=0), ValueError, "kfac_update"),
+        (dict(kfac_update=1.5), TypeError, "kfac_update"),
+        (dict(cold_iter=-1), ValueError, "cold_iter"),
+        (dict(weight_decay="0.1"), TypeError, "weight_decay"),
+        (dict(inverse="cholesky"), ValueError, "inverse"),
+        (dict(modules=[nn.ReLU()]), TypeError, "modules"),
+    ],
+)
+def test_bad_arguments(kwargs, error, name):
+    with pytest.raises(error, match=name):
+        KFAC(_mlp(), **kwargs)
+    with pytest.raises(TypeError, match="model"):
+        KFAC([nn.Parameter(th.zeros(1))])  # type: ignore[arg-type]
