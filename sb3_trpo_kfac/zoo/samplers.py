@@ -172,7 +172,7 @@ def sample_acktr_params(trial: optuna.Trial, n_actions: int, n_envs: int, additi
     Sampler for ``sb3_trpo_kfac.ACKTR`` (rl-zoo3 signature).
 
     Searches the step size and its schedule, the K-FAC trust region (``kfac_clip``), damping, statistics decay and
-    refresh period, the loss weights (``vf_coef``, ``vf_fisher_coef``, ``ent_coef``), the rollout length, the
+    refresh period, the inverse mode, the loss weights (``vf_coef``, ``vf_fisher_coef``, ``ent_coef``), the rollout length, the
     discounts, advantage normalization and the network.
 
     :param trial: the Optuna trial
@@ -193,6 +193,8 @@ def sample_acktr_params(trial: optuna.Trial, n_actions: int, n_envs: int, additi
     damping = trial.suggest_float("damping", 1e-4, 0.1, log=True)
     stats_decay = trial.suggest_categorical("stats_decay", [0.9, 0.95, 0.99])
     kfac_update = trial.suggest_categorical("kfac_update", [1, 2, 5, 10])
+    # Exact damping through eigendecompositions, or the cheaper factored-damping inverses.
+    kfac_inverse = trial.suggest_categorical("kfac_inverse", ["eigen", "inverse"])
     vf_coef = trial.suggest_float("vf_coef", 0.1, 1.0)
     vf_fisher_coef = trial.suggest_float("vf_fisher_coef", 0.1, 10.0, log=True)
     ent_coef = trial.suggest_float("ent_coef", 1e-8, 0.1, log=True)
@@ -210,6 +212,7 @@ def sample_acktr_params(trial: optuna.Trial, n_actions: int, n_envs: int, additi
         "damping": damping,
         "stats_decay": stats_decay,
         "kfac_update": kfac_update,
+        "kfac_inverse": kfac_inverse,
         "vf_coef": vf_coef,
         "vf_fisher_coef": vf_fisher_coef,
         "ent_coef": ent_coef,
