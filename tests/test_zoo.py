@@ -24,7 +24,7 @@ import sb3_trpo_kfac
 from sb3_trpo_kfac.acktr import ACKTR
 from sb3_trpo_kfac.trpo import TRPO
 from sb3_trpo_kfac.zoo import ALGO_NAMES, hyperparams_path, register, robust_objective
-from sb3_trpo_kfac.zoo.cli import with_default_conf_file
+from sb3_trpo_kfac.zoo.cli import main, with_default_conf_file
 from sb3_trpo_kfac.zoo.samplers import HYPERPARAMS_CONVERTER, HYPERPARAMS_SAMPLER
 
 ALGOS = {"trpo": TRPO, "acktr": ACKTR}
@@ -134,6 +134,17 @@ def test_default_conf_file_only_for_our_algos_without_one():
         ["--env", "CartPole-v1"],  # rl-zoo3's default algo is ppo
     ):
         assert with_default_conf_file(args) == args
+
+
+def test_cli_usage_errors(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([])
+    assert exit_info.value.code == 2 and "train,enjoy" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0 and "--algo acktr" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="unknown command 'fit'"):
+        main(["fit", "--algo", "acktr"])
 
 
 def _draw(algo: str, n_envs: int, n_actions: int, seed: int, n_trials: int = 25) -> list[tuple[dict, dict]]:

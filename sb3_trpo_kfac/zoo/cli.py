@@ -64,7 +64,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = "sb3-trpo-kfac" if sys.argv and not sys.argv[0].endswith("__main__.py") else "python -m sb3_trpo_kfac"
     if not argv or argv[0] in ("-h", "--help"):
-        print(_USAGE.format(prog=prog))
+        # Asked for help: stdout, success. No command at all: a usage error, like argparse's.
+        print(_USAGE.format(prog=prog), file=sys.stdout if argv else sys.stderr)
         raise SystemExit(0 if argv else 2)
     script, args = argv[0], argv[1:]
     if script not in _SCRIPTS:
