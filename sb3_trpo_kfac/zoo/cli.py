@@ -30,20 +30,31 @@ examples:
 _SCRIPTS = ("train", "enjoy", "plot_train", "plot_from_file", "all_plots")
 
 
+def _peek(args: Sequence[str]) -> argparse.Namespace:
+    """
+    Read the few rl-zoo3 ``train`` options this entry cares about, with argparse's own rules (abbreviations,
+    ``--opt=value``), as rl-zoo3 will read them; everything else is left to rl-zoo3.
+
+    :param args: the arguments after ``train``
+    :return: ``algo``, ``conf_file`` and ``optimize``
+    """
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--algo", default="ppo")
+    parser.add_argument("-conf", "--conf-file", default=None)
+    parser.add_argument("-optimize", "--optimize-hyperparameters", dest="optimize", action="store_true")
+    known, _ = parser.parse_known_args(list(args))
+    return known
+
+
 def with_default_conf_file(args: Sequence[str]) -> list[str]:
     """
     Add ``--conf-file <shipped {algo}.yml>`` to rl-zoo3 ``train`` arguments when the algorithm is ours and the user
     gave no config file; otherwise return the arguments unchanged.
 
-    The two options are read with argparse's own rules (abbreviations, ``--opt=value``), as rl-zoo3 will read them.
-
     :param args: the arguments after ``train``
     :return: the arguments to hand to rl-zoo3
     """
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--algo", default="ppo")
-    parser.add_argument("-conf", "--conf-file", default=None)
-    known, _ = parser.parse_known_args(list(args))
+    known = _peek(args)
     if known.conf_file is None and known.algo in ALGO_NAMES:
         return [*args, "--conf-file", hyperparams_path(known.algo)]
     return list(args)
@@ -75,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     # rl-zoo3's scripts parse sys.argv themselves.
     if script == "train":
         args = with_default_conf_file(args)
-        if "-optimize" in args or "--optimize-hyperparameters" in args:
+        if _peek(args).optimize:
             _require("pandas", "rl-zoo3's optimization report (study.trials_dataframe)")
         from rl_zoo3.train import train
 
