@@ -305,9 +305,10 @@ def test_train_enjoy_and_load(tmp_path, algo, expected):
     args = yaml.load((run / "CartPole-v1" / "args.yml").read_text(), Loader=yaml.UnsafeLoader)
     assert args["algo"] == algo and args["conf_file"] == hyperparams_path(algo)
 
-    result = zoo("enjoy", "--algo", algo, "--env", "CartPole-v1", "-f", "logs", "--no-render", "-n", "300", cwd=tmp_path)
+    # 600 steps: CartPole-v1 ends every episode by step 500, so at least one episode is reported.
+    result = zoo("enjoy", "--algo", algo, "--env", "CartPole-v1", "-f", "logs", "--no-render", "-n", "600", cwd=tmp_path)
     assert f"Loading {Path('logs') / algo / 'CartPole-v1_1' / 'CartPole-v1.zip'}" in result.stdout
-    assert "Episode Reward" in result.stdout or "Atari Episode Score" in result.stdout
+    assert "Episode Reward" in result.stdout
 
     # The zoo-trained model is one of ours, loadable from plain Python.
     model = ALGOS[algo].load(model_path, device="cpu")
