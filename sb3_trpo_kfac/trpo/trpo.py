@@ -162,6 +162,9 @@ class TRPO(OnPolicyAlgorithm):
         )
 
         self.normalize_advantage = normalize_advantage
+        if "optimizer_class" not in self.policy_kwargs and "optimizer_kwargs" not in self.policy_kwargs:
+            # The critic takes hundreds of small Adam steps per update; the fused kernel is the same Adam, faster.
+            self.policy_kwargs["optimizer_kwargs"] = {"fused": True}
         if self.env is not None:
             buffer_size = self.env.num_envs * self.n_steps
             if normalize_advantage and buffer_size <= 1:

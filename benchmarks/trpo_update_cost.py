@@ -1,0 +1,102 @@
+"""
+Time TRPO updates: ours against sb3-contrib's, identical settings, data and initial weights, in one process.
+
+Two cases: an MLP policy on HalfCheetah-v5 (n_steps 2048, needs ``gymnasium[mujoco]``) and a CnnPolicy on
+Atari-sized 84x84x4 frames (SB3's FakeImageEnv, 8 envs x 64 steps). For each, the policy step alone (``n_critic_updates=0``) and
+the whole ``train()`` with the critic are timed; runs of the two implementations alternate and the median is kept.
+
+    python benchmarks/trpo_update_cost.py [--repeats 7] [--threads 1] [--cases mlp cnn] [--fisher-subsample 1.0 0.1]
+"""
+
+import argparse
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch as th
+from sb3_contrib import TRPO as ContribTRPO
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.envs import FakeImageEnv
+from stable_baselines3.common.utils import obs_as_tensor
+from stable_baselines3.common.vec_env import DummyVecEnv
+
+from sb3_trpo_kfac import TRPO
+
+
+def make_case(name: str) -> tuple[Callable, str, dict]:
+    if name == "mlp":
+        return lambda: make_vec_env("HalfCheetah-v5", n_envs=1, seed=0), "MlpPolicy", dict(n_steps=2048, batch_size=64)
+    if name == "cnn":
+        return (
+            lambda: DummyVecEnv([lambda: FakeImageEnv(screen_height=84, screen_width=84, n_channels=4)] * 8),
+            "CnnPolicy",
+            dict(n_steps=64, batch_size=128),
+        )
+    raise ValueError(f"unknown case {name!r}")
+
+
+def fill_rollout(model) -> None:
+    """Collect one rollout with the model's own policy (the same seed gives the same data for both)."""
+    model._setup_learn(total_timesteps=model.n_steps * model.n_envs)
+    model.collect_rollouts(model.env, model._init_callback(None), model.rollout_buffer, model.n_steps)
+
+
+def time_train(model, state: dict, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        model.policy.load_state_dict(state)  # every update starts from the same parameters
+        start = time.perf_counter()
+        model.train()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def bench(case: str, n_critic_updates: int, fisher_subsample: float, repeats: int) -> tuple[float, float]:
+    make_env, policy, kwargs = make_case(case)
+    kwargs = dict(kwargs, n_critic_updates=n_critic_updates, cg_max_steps=15, seed=0)
+    ours = TRPO(policy, make_env(), fisher_subsample=fisher_subsample, **kwargs)
+    theirs = ContribTRPO(policy, make_env(), **kwargs)
+    theirs.policy.load_state_dict(ours.policy.state_dict())
+    fill_rollout(ours)
+    fill_rollout(theirs)
+    # Same data for both: copy our buffer into theirs.
+    for key in ("observations", "actions", "rewards", "returns", "episode_starts", "values", "log_probs", "advantages"):
+        setattr(theirs.rollout_buffer, key, getattr(ours.rollout_buffer, key).copy())
+    state = {k: v.clone() for k, v in ours.policy.state_dict().items()}
+    # Warm up once each, then alternate so drift in machine load hits both alike.
+    time_train(ours, state, 1)
+    time_train(theirs, state, 1)
+    ours_times, theirs_times = [], []
+    for _ in range(repeats):
+        ours_times += time_train(ours, state, 1)
+        theirs_times += time_train(theirs, state, 1)
+    return float(np.median(ours_times)), float(np.median(theirs_times))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 gives the steadiest numbers)")
+    parser.add_argument("--cases", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
+    parser.add_argument(
+        "--fisher-subsample",
+        type=float,
+        nargs="+",
+        default=[1.0, 0.1],
+        help="our fisher_subsample values to time (sb3-contrib has no such option and always uses the whole batch)",
+    )
+    args = parser.parse_args()
+    th.set_num_threads(args.threads)
+    print(f"torch {th.__version__}, {args.threads} thread(s), median of {args.repeats} updates")
+    print(f"{'case':<6} {'measure':<22} {'fisher_subsample':>16} {'ours (s)':>10} {'sb3-contrib (s)':>16} {'ratio':>7}")
+    for case in args.cases:
+        for label, n_critic in (("policy step", 0), ("train() with critic", 10)):
+            for fraction in args.fisher_subsample:
+                ours, theirs = bench(case, n_critic, fraction, args.repeats)
+                print(
+                    f"{case:<6} {label:<22} {fraction:>16} {ours:>10.4f} {theirs:>16.4f} {ours / theirs:>7.3f}", flush=True
+                )
+
+
+if __name__ == "__main__":
+    main()
