@@ -398,3 +398,27 @@ def test_bad_arguments(kwargs, error, name):
         KFAC(_mlp(), **kwargs)
     with pytest.raises(TypeError, match="model"):
         KFAC([nn.Parameter(th.zeros(1))])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("inverse", ["eigen", "inverse"])
+def test_low_rank_input_factor_is_exact_when_rank_suffices(inverse):
+    th.manual_seed(3)
+    layer = nn.Linear(30, 4).double()
+    damping = 0.02
+    opt = KFAC(layer, lr=1.0, momentum=0.0, kfac_clip=1e9, damping=damping, inverse=inverse, low_rank=8, low_rank_min_dim=10)
+    x = th.randn(6, 30, dtype=th.float64)  # A = mean ā āᵀ has rank 6 <= low_rank
+    with opt.collect():
+        out = layer(x)
+    opt.update_statistics(_sample_loss(out, th.randn(6, 4, dtype=th.float64)))
+    opt.update_preconditioner()
+    assert opt.state[layer.weight]["QA"].shape == (31, 8)
+    grad_w, grad_b = th.randn(4, 30, dtype=th.float64), th.randn(4, dtype=th.float64)
+    w_out, b_out = opt.precondition([layer.weight, layer.bias], [grad_w, grad_b])
+    a, g = opt.state[layer.weight]["A"], opt.state[layer.weight]["G"]
+    if inverse == "eigen":
+        dense = th.kron(g, a) + damping * th.eye(4 * 31, dtype=th.float64)
+    else:
+        pi = ((a.trace() / 31) / (g.trace() / 4)).sqrt()
+        dense = th.kron(g + damping**0.5 / pi * th.eye(4, dtype=th.float64), a + pi * damping**0.5 * th.eye(31, dtype=th.float64))
+    expected = th.linalg.solve(dense, _wbar(layer, grad_w, grad_b).flatten()).reshape(4, 31)
+    th.testing.assert_close(_wbar(layer, w_out, b_out), expected)

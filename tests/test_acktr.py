@@ -1,0 +1,181 @@
+"""ACKTR: every action space and policy kind, save/load continuation, bad arguments, robustness, learning."""
+
+import numpy as np
+import pytest
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.envs import (
+    FakeImageEnv,
+    IdentityEnv,
+    IdentityEnvBox,
+    IdentityEnvMultiBinary,
+    IdentityEnvMultiDiscrete,
+    SimpleMultiObsEnv,
+)
+from stable_baselines3.common.evaluation import evaluate_policy
+
+from sb3_trpo_kfac import ACKTR, KFAC
+
+TINY = dict(net_arch=dict(pi=[16], vf=[16]))
+
+
+@pytest.mark.parametrize(
+    "env_fn",
+    [
+        lambda: IdentityEnv(4),
+        lambda: IdentityEnvBox(eps=0.5),
+        lambda: IdentityEnvMultiDiscrete(3),
+        lambda: IdentityEnvMultiBinary(3),
+    ],
+    ids=["Discrete", "Box", "MultiDiscrete", "MultiBinary"],
+)
+def test_action_spaces_run(env_fn):
+    model = ACKTR("MlpPolicy", env_fn(), n_steps=8, policy_kwargs=TINY, seed=0, device="cpu")
+    model.learn(256)
+    optimizer = model.policy.optimizer
+    assert isinstance(optimizer, KFAC)
+    assert optimizer.counters["updates"] == 256 // 8
+    assert optimizer.counters["stats_updates"] == 256 // 8
+    assert all(th.isfinite(p).all() for p in model.policy.parameters())
+    # every Linear of the policy is a K-FAC block with statistics
+    assert len(optimizer.blocks) == 4
+    assert all("QA" in optimizer.state[block.weight] for block in optimizer.blocks)
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_cnn_policy_shared_and_separate_extractors(share):
+    env = FakeImageEnv(screen_height=36, screen_width=36, n_channels=1, discrete=True)
+    policy_kwargs = dict(share_features_extractor=share, features_extractor_kwargs=dict(features_dim=16), net_arch=[])
+    model = ACKTR("CnnPolicy", env, n_steps=4, policy_kwargs=policy_kwargs, seed=0, device="cpu", kfac_update=2)
+    model.learn(16)
+    optimizer = model.policy.optimizer
+    n_convs = sum(block.is_conv for block in optimizer.blocks)
+    assert n_convs == (3 if share else 6)
+    assert all("QA" in optimizer.state[block.weight] for block in optimizer.blocks)
+
+
+def test_multi_input_policy():
+    # the image key goes through a NatureCNN whose 1025-dim input factor uses the low-rank solve
+    policy_kwargs = dict(TINY, features_extractor_kwargs=dict(cnn_output_dim=8))
+    env = SimpleMultiObsEnv(random_start=False)
+    model = ACKTR("MultiInputPolicy", env, n_steps=8, kfac_update=2, kfac_low_rank=16, policy_kwargs=policy_kwargs, seed=0, device="cpu")
+    model.learn(48)
+    optimizer = model.policy.optimizer
+    assert len(optimizer.blocks) == 8
+    linear = next(block for block in optimizer.blocks if block.name.endswith("img.linear.0"))
+    assert optimizer.state[linear.weight]["QA"].shape == (1025, 16)
+    assert np.isfinite(model.logger.name_to_value["train/kfac_nu"])
+
+
+def test_gsde_and_learning_rate_schedule():
+    def schedule(progress_remaining: float) -> float:
+        return 0.1 * progress_remaining
+
+    env = IdentityEnvBox(eps=0.5)
+    model = ACKTR("MlpPolicy", env, n_steps=8, use_sde=True, learning_rate=schedule, policy_kwargs=TINY, seed=0, device="cpu")
+    model.learn(128)
+    # the learning-rate schedule reaches the K-FAC optimizer (used in its step and trust region)
+    assert model.policy.optimizer.param_groups[0]["lr"] == pytest.approx(schedule(model._current_progress_remaining))
+    assert model.policy.optimizer.param_groups[0]["lr"] < 0.1
+    assert model.logger.name_to_value["train/learning_rate"] < 0.1
+
+
+def _state_tensors(model: ACKTR) -> list[th.Tensor]:
+    optimizer = model.policy.optimizer
+    return [t for p in model.policy.parameters() for t in optimizer.state[p].values()]
+
+
+def test_save_load_learn_matches_uninterrupted(tmp_path):
+    def make_env():
+        return make_vec_env("CartPole-v1", n_envs=2, seed=0)
+
+    kwargs = dict(n_steps=8, kfac_update=3, policy_kwargs=TINY, seed=0, device="cpu")
+    model = ACKTR("MlpPolicy", make_env(), **kwargs)
+    model.learn(160)
+    model.save(tmp_path / "acktr")
+
+    loaded = ACKTR.load(tmp_path / "acktr", env=make_env(), device="cpu")
+    assert loaded.policy.optimizer.counters == model.policy.optimizer.counters
+    assert all(th.equal(a, b) for a, b in zip(_state_tensors(model), _state_tensors(loaded)))
+    assert len(_state_tensors(loaded)) > 0
+
+    # A fresh optimizer state for contrast: the continuation must depend on the carried K-FAC state.
+    fresh = ACKTR.load(tmp_path / "acktr", env=make_env(), device="cpu")
+    fresh.policy.optimizer = KFAC(fresh.policy, lr=fresh.learning_rate, kfac_update=3)
+
+    for m in (model, loaded, fresh):
+        m.set_random_seed(1)
+        m.learn(160)
+    for p, q, r in zip(model.policy.parameters(), loaded.policy.parameters(), fresh.policy.parameters()):
+        assert th.equal(p, q)
+    assert any(not th.equal(p, r) for p, r in zip(model.policy.parameters(), fresh.policy.parameters()))
+
+
+def test_no_grad_rollouts_do_not_touch_statistics():
+    model = ACKTR("MlpPolicy", IdentityEnv(3), n_steps=8, policy_kwargs=TINY, seed=0, device="cpu")
+    model.learn(8)
+    optimizer = model.policy.optimizer
+    snapshot = {block.name: optimizer.state[block.weight]["A"].clone() for block in optimizer.blocks}
+    obs = np.array([model.observation_space.sample() for _ in range(5)])
+    model.predict(obs)  # no_grad rollout-style forward
+    model.policy.evaluate_actions(th.as_tensor(obs).float(), th.zeros(5))  # with grad, outside collect()
+    assert optimizer.counters["stats_updates"] == 1
+    assert all(th.equal(optimizer.state[block.weight]["A"], snapshot[block.name]) for block in optimizer.blocks)
+
+
+def test_non_finite_loss_never_reaches_parameters():
+    model = ACKTR("MlpPolicy", IdentityEnv(3), n_steps=8, policy_kwargs=TINY, seed=0, device="cpu")
+    model.learn(16)
+    before = [p.detach().clone() for p in model.policy.parameters()]
+    model.vf_coef = float("nan")  # poisons the loss and every gradient
+    model.max_grad_norm = float("inf")
+    model.learn(16, reset_num_timesteps=False)
+    assert model.policy.optimizer.counters["skipped_steps"] == 2
+    assert model.logger.name_to_value["train/kfac_skipped_steps"] == 2
+    assert all(th.equal(p, q) for p, q in zip(before, model.policy.parameters()))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, name",
+    [
+        (dict(use_rms_prop=True), ValueError, "use_rms_prop"),
+        (dict(policy_kwargs=dict(optimizer_class=th.optim.Adam)), ValueError, "optimizer_class"),
+        (dict(learning_rate=0.0), ValueError, "learning_rate"),
+        (dict(n_steps=0), ValueError, "n_steps"),
+        (dict(kfac_clip=0.0), ValueError, "kfac_clip"),
+        (dict(damping=-1.0), ValueError, "damping"),
+        (dict(momentum=1.0), ValueError, "momentum"),
+        (dict(stats_decay=2.0), ValueError, "stats_decay"),
+        (dict(kfac_update=0), ValueError, "kfac_update"),
+        (dict(kfac_stats_interval=2.5), TypeError, "kfac_stats_interval"),
+        (dict(kfac_inverse="qr"), ValueError, "kfac_inverse"),
+        (dict(vf_fisher_coef=-1.0), ValueError, "vf_fisher_coef"),
+        (dict(cold_iter=-2), ValueError, "cold_iter"),
+        (dict(gamma=1.5), ValueError, "gamma"),
+    ],
+)
+def test_bad_arguments(kwargs, error, name):
+    with pytest.raises(error, match=name):
+        ACKTR("MlpPolicy", IdentityEnv(3), device="cpu", **kwargs)
+
+
+def test_learns_cartpole():
+    # the shipped CartPole settings (benchmarks/acktr_sample_efficiency.py), a small budget
+    returns = []
+    for seed in (0, 1):
+        env = make_vec_env("CartPole-v1", n_envs=8, seed=seed)
+        model = ACKTR("MlpPolicy", env, n_steps=20, ent_coef=0.0, seed=seed, device="cpu")
+        model.learn(30_000)
+        returns.append(evaluate_policy(model, model.get_env(), n_eval_episodes=10)[0])
+    assert min(returns) > 150, returns  # random play: ~22
+
+
+def test_learns_pendulum():
+    returns = []
+    for seed in (0,):
+        env = make_vec_env("Pendulum-v1", n_envs=8, seed=seed)
+        model = ACKTR("MlpPolicy", env, n_steps=20, normalize_advantage=True, seed=seed, device="cpu")
+        model.learn(60_000)
+        returns.append(evaluate_policy(model, model.get_env(), n_eval_episodes=10)[0])
+    assert min(returns) > -900, returns  # random play: about -1200
