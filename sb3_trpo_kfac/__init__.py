@@ -1,6 +1,8 @@
 """Second-order on-policy RL for Stable-Baselines3: TRPO and ACKTR (K-FAC)."""
 
+from sb3_trpo_kfac.acktr import ACKTR
+from sb3_trpo_kfac.common.kfac import KFAC
 from sb3_trpo_kfac.trpo import TRPO
 from sb3_trpo_kfac.version import __version__
 
-__all__ = ["TRPO", "__version__"]
+__all__ = ["TRPO", "ACKTR", "KFAC", "__version__"]
