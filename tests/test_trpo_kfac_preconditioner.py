@@ -1,0 +1,92 @@
+"""TRPO's K-FAC preconditioned conjugate gradient."""
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch as th
+from stable_baselines3.common.envs import FakeImageEnv, IdentityEnv, IdentityEnvBox
+from stable_baselines3.common.vec_env import DummyVecEnv
+
+from sb3_trpo_kfac import TRPO
+from sb3_trpo_kfac.common.conjugate_gradient import conjugate_gradient
+from sb3_trpo_kfac.common.fisher import GaussNewtonFisher, flat_concat, split_like
+
+
+class ScaledObservationEnv(gym.Env):
+    """MuJoCo-like shapes: 17 observations spanning two decades of scale, 6 continuous actions."""
+
+    def __init__(self) -> None:
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (17,), np.float32)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (6,), np.float32)
+        self.scales = np.exp(np.linspace(np.log(0.1), np.log(10.0), 17)).astype(np.float32)
+
+    def _observe(self) -> np.ndarray:
+        self.observation = (self.np_random.standard_normal(17) * self.scales).astype(np.float32)
+        return self.observation
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return self._observe(), {}
+
+    def step(self, action):
+        self.t += 1
+        reward = -float(np.sum((action - np.tanh(self.observation[:6])) ** 2))
+        return self._observe(), reward, False, self.t >= 100, {}
+
+
+def test_kfac_preconditioned_cg_needs_fewer_iterations_on_a_policy_fisher() -> None:
+    model = TRPO("MlpPolicy", DummyVecEnv([ScaledObservationEnv]), n_steps=1024, seed=0, cg_preconditioner="kfac")
+    model.learn(2048)
+    data = next(model.rollout_buffer.get(batch_size=None))
+    actor, _ = model._split_parameters(data.observations)
+    kfac = model._kfac
+    with kfac.collect():
+        distribution = model.policy.get_distribution(data.observations)
+    log_prob = distribution.log_prob(data.actions)
+    gradient = flat_concat(th.autograd.grad((data.advantages * log_prob).mean(), actor, retain_graph=True))
+    assert kfac.update_statistics(-log_prob.sum())
+    kfac.update_preconditioner()
+    fisher = GaussNewtonFisher(distribution, actor, damping=model.cg_damping)
+
+    def preconditioner(vector: th.Tensor) -> th.Tensor:
+        return flat_concat(kfac.precondition(actor, split_like(vector, actor)))
+
+    tolerance = (1e-3 * gradient.norm().item()) ** 2
+    plain = conjugate_gradient(fisher, gradient, max_iter=300, residual_tol=tolerance)
+    preconditioned = conjugate_gradient(fisher, gradient, max_iter=300, residual_tol=tolerance, preconditioner=preconditioner)
+    assert plain.relative_residual <= 1e-3 and preconditioned.relative_residual <= 1e-3
+    assert preconditioned.iterations <= 0.7 * plain.iterations, (preconditioned.iterations, plain.iterations)
+    # Both solve the same system.
+    assert th.allclose(preconditioned.solution, plain.solution, rtol=0.05, atol=1e-3 * plain.solution.abs().max().item())
+
+
+@pytest.mark.parametrize(
+    "policy, make_env",
+    [
+        ("MlpPolicy", lambda: IdentityEnv(3)),
+        ("MlpPolicy", lambda: IdentityEnvBox(-1, 1)),
+        ("CnnPolicy", lambda: FakeImageEnv(screen_height=36, screen_width=36, n_channels=1)),
+    ],
+)
+def test_trpo_with_kfac_preconditioner_trains(policy: str, make_env) -> None:
+    model = TRPO(
+        policy,
+        make_env(),
+        n_steps=64,
+        batch_size=32,
+        n_critic_updates=1,
+        cg_preconditioner="kfac",
+        seed=0,
+        policy_kwargs={"features_extractor_kwargs": {"features_dim": 16}} if policy == "CnnPolicy" else None,
+    )
+    model.learn(192)
+    assert model.logger.name_to_value["train/non_finite_step"] == 0.0
+    assert model._kfac.counters["stats_updates"] == 3
+    assert 0.0 <= model.logger.name_to_value["train/kl_divergence_loss"] <= model.target_kl * (1 + 1e-4)
+    assert all(th.isfinite(p).all() for p in model.policy.parameters())
+
+
+def test_unknown_preconditioner_is_rejected() -> None:
+    with pytest.raises(ValueError, match="cg_preconditioner"):
+        TRPO("MlpPolicy", IdentityEnv(2), cg_preconditioner="jacobi")
