@@ -178,6 +178,8 @@ def test_samplers_give_valid_constructor_keywords(algo):
             # The converter maps the stored raw params to the same keywords (a schedule comes out as "lin_x").
             converted = HYPERPARAMS_CONVERTER[algo](params)
             assert set(converted) == set(kwargs)
+            if algo == "trpo":
+                assert kwargs["cg_preconditioner"] in (None, "kfac")
             if isinstance(kwargs["learning_rate"], SimpleLinearSchedule):
                 assert converted["learning_rate"] == f"lin_{kwargs['learning_rate'].initial_value}"
             model = ALGOS[algo]("MlpPolicy", env, **kwargs)
@@ -334,7 +336,7 @@ def test_optimize_then_train_from_a_trial(tmp_path):
     study = optuna.load_study(study_name="trpo-cartpole", storage=journal(storage))
     states = [trial.state for trial in study.trials]
     assert len(states) == 2 and optuna.trial.TrialState.FAIL not in states
-    assert all(set(trial.params) >= {"target_kl", "cg_damping", "fisher_subsample"} for trial in study.trials)
+    assert all(set(trial.params) >= {"target_kl", "cg_damping", "cg_preconditioner", "fisher_subsample"} for trial in study.trials)
 
     # Train with trial 1's hyperparameters, read back through our converter.
     zoo(
