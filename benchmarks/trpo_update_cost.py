@@ -2,7 +2,7 @@
 Time TRPO updates: ours against sb3-contrib's, identical settings, data and initial weights, in one process.
 
 Two cases: an MLP policy on HalfCheetah-v5 (n_steps 2048, needs ``gymnasium[mujoco]``) and a CnnPolicy on
-Atari-sized 84x84x4 frames (SB3's FakeImageEnv, 8 envs x 64 steps). For each, the policy step alone (``n_critic_updates=0``) and
+Atari-sized 84x84x4 frames (SB3's FakeImageEnv, 4 envs x 64 steps). For each, the policy step alone (``n_critic_updates=0``) and
 the whole ``train()`` with the critic are timed; runs of the two implementations alternate and the median is kept.
 
     python benchmarks/trpo_update_cost.py [--repeats 7] [--threads 1] [--cases mlp cnn] [--fisher-subsample 1.0 0.1]
@@ -28,7 +28,7 @@ def make_case(name: str) -> tuple[Callable, str, dict]:
         return lambda: make_vec_env("HalfCheetah-v5", n_envs=1, seed=0), "MlpPolicy", dict(n_steps=2048, batch_size=64)
     if name == "cnn":
         return (
-            lambda: DummyVecEnv([lambda: FakeImageEnv(screen_height=84, screen_width=84, n_channels=4)] * 8),
+            lambda: DummyVecEnv([lambda: FakeImageEnv(screen_height=84, screen_width=84, n_channels=4)] * 4),
             "CnnPolicy",
             dict(n_steps=64, batch_size=128),
         )

@@ -132,7 +132,7 @@ class GaussNewtonFisher:
         self.batch_size = self.outputs[0].shape[0]
         # Jᵀu as a differentiable function of dummy cotangents u: differentiating it by u gives J v.
         self._cotangents = [th.zeros_like(output, requires_grad=True) for output in self.outputs]
-        self._transposed_jacobian = th.autograd.grad(
+        transposed_jacobian = th.autograd.grad(
             self.outputs,
             self.params,
             grad_outputs=self._cotangents,
@@ -140,16 +140,18 @@ class GaussNewtonFisher:
             allow_unused=True,
             materialize_grads=True,
         )
+        # A parameter block that is constant in u (unused by every output) contributes nothing to J v.
+        self._linear_blocks = [i for i, jt in enumerate(transposed_jacobian) if jt.requires_grad]
+        self._transposed_jacobian = [transposed_jacobian[i] for i in self._linear_blocks]
 
     def jacobian_vector_product(self, vector: th.Tensor) -> list[th.Tensor]:
         """J v for each distribution output."""
-        # A parameter block that is constant in u (unused by every output) contributes nothing to J v.
-        pairs = [(jt, v) for jt, v in zip(self._transposed_jacobian, split_like(vector, self.params)) if jt.requires_grad]
+        pieces = split_like(vector, self.params)
         return list(
             th.autograd.grad(
-                [jt for jt, _ in pairs],
+                self._transposed_jacobian,
                 self._cotangents,
-                grad_outputs=[v for _, v in pairs],
+                grad_outputs=[pieces[i] for i in self._linear_blocks],
                 retain_graph=True,
                 allow_unused=True,
                 materialize_grads=True,
