@@ -62,7 +62,8 @@ class ACKTR(OnPolicyAlgorithm):
     :param stats_decay: Running-average factor of the Kronecker factors
     :param kfac_update: Recompute the eigendecompositions (or inverses) of the factors every this many updates
     :param kfac_stats_interval: Update the K-FAC statistics every this many updates (1: every update; larger
-        values save the extra backward pass and factor products, e.g. for CNN policies)
+        values save the extra backward pass and factor products). The running averages then decay by
+        ``stats_decay ** kfac_stats_interval`` per statistics update, so their memory in updates is unchanged.
     :param kfac_inverse: ``"eigen"`` (exact damping via eigendecompositions) or ``"inverse"`` (factored
         damping with plain inverses, cheaper for large layers)
     :param kfac_low_rank: If set, input factors larger than 1024 keep only this many eigenpairs (plus the mean
@@ -197,7 +198,8 @@ class ACKTR(OnPolicyAlgorithm):
             self.policy,
             lr=self.lr_schedule(1),
             momentum=self.momentum,
-            stats_decay=self.stats_decay,
+            # the running averages keep the same memory, in updates, whatever the statistics interval
+            stats_decay=self.stats_decay**self.kfac_stats_interval,
             damping=self.damping,
             kfac_clip=self.kfac_clip,
             kfac_update=self.kfac_update,
@@ -261,8 +263,9 @@ class ACKTR(OnPolicyAlgorithm):
         self.logger.record("train/entropy_loss", entropy_loss.item())
         self.logger.record("train/policy_loss", policy_loss.item())
         self.logger.record("train/value_loss", value_loss.item())
+        # ν: trust-region scale of the step; quadratic KL: lr² ν² Vᵀ F V of the step, at most kfac_clip
         self.logger.record("train/kfac_nu", optimizer.last_nu)
-        self.logger.record("train/kfac_quadratic_kl", optimizer.last_vfv)
+        self.logger.record("train/kfac_quadratic_kl", optimizer.last_nu**2 * optimizer.last_vfv)
         self.logger.record("train/kfac_skipped_steps", optimizer.counters["skipped_steps"])
         if hasattr(self.policy, "log_std"):
             self.logger.record("train/std", th.exp(self.policy.log_std).mean().item())

@@ -79,19 +79,22 @@ class KFACBlock:
     def params(self) -> list[nn.Parameter]:
         return [self.weight] if self.bias is None else [self.weight, self.bias]
 
-    def to_matrix(self, weight_part: th.Tensor, bias_part: th.Tensor | None) -> th.Tensor:
-        """Stack a weight-shaped and a bias-shaped tensor into the ``out x (in + 1)`` block matrix."""
-        mat = weight_part.reshape(weight_part.shape[0], -1)
+    def to_matrix(self, weight_part: th.Tensor | None, bias_part: th.Tensor | None) -> th.Tensor:
+        """Stack a weight-shaped and a bias-shaped tensor (None: zeros) into the ``out x (in + 1)`` block matrix."""
+        if weight_part is None:
+            weight_part = th.zeros_like(self.weight)
+        mat = weight_part if weight_part.dim() == 2 else weight_part.reshape(weight_part.shape[0], -1)
         if self.bias is not None:
             bias_part = th.zeros_like(self.bias) if bias_part is None else bias_part
-            mat = th.cat([mat, bias_part.reshape(-1, 1)], dim=1)
+            mat = th.cat([mat, bias_part.unsqueeze(1)], dim=1)
         return mat
 
     def from_matrix(self, mat: th.Tensor) -> tuple[th.Tensor, th.Tensor | None]:
         """Inverse of :meth:`to_matrix`."""
-        if self.bias is None:
-            return mat.reshape(self.weight.shape), None
-        return mat[:, :-1].reshape(self.weight.shape), mat[:, -1].reshape(self.bias.shape)
+        weight_part = mat if self.bias is None else mat[:, :-1]
+        if self.is_conv:
+            weight_part = weight_part.reshape(self.weight.shape)
+        return weight_part, None if self.bias is None else mat[:, -1]
 
     def patches(self, x: th.Tensor) -> tuple[th.Tensor, int]:
         """
@@ -203,7 +206,6 @@ class KFAC(th.optim.Optimizer):
         super().__init__(param_list, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
 
         self.blocks = self._make_blocks(model, modules, {id(p) for p in param_list})
-        self._block_of = {id(p): block for block in self.blocks for p in block.params}
         self._collecting = False
         # per block: list of (input, output) pairs saved inside collect()
         self._saved: dict[KFACBlock, list[tuple[th.Tensor, th.Tensor]]] = {}
@@ -296,35 +298,49 @@ class KFAC(th.optim.Optimizer):
             warnings.warn("KFAC.update_statistics: no forward of a covered layer was saved; call the model inside collect()")
             return False
         deltas = th.autograd.grad(fisher_loss, [out for _, _, out in calls], retain_graph=True, allow_unused=True)
-        new_factors: dict[KFACBlock, list[Any]] = {}
+        # per block: [Σ ā āᵀ / T², T Σ δ δᵀ, N]; the same input tensor (e.g. features fed to both the policy and
+        # the value network) gives the same input moment, computed once
+        sums: dict[KFACBlock, list[Any]] = {}
+        moments: dict[tuple[Any, ...], th.Tensor] = {}
         with th.no_grad():
             for (block, x, out), delta in zip(calls, deltas):
                 if delta is None:
                     continue
-                rows, positions = block.patches(x)
                 if block.is_conv:
+                    rows, positions = block.patches(x)
+                    a_sum = block.input_moment(rows) / positions**2
                     delta = delta.transpose(1, -1).reshape(-1, delta.shape[1])  # (N*T, out), any spatial order
+                    g_sum = (delta.T @ delta) * positions
                     n_samples = x.shape[0]
                 else:
+                    key = (x.data_ptr(), x._version, tuple(x.shape), x.stride(), block.bias is not None)
+                    a_sum = moments.get(key)
+                    if a_sum is None:
+                        a_sum = moments[key] = block.input_moment(x.reshape(-1, x.shape[-1]))
                     delta = delta.reshape(-1, delta.shape[-1])
+                    g_sum = delta.T @ delta
                     n_samples = delta.shape[0]
-                a_sum = block.input_moment(rows) / positions**2
-                g_sum = (delta.T @ delta) * positions
-                acc = new_factors.setdefault(block, [0.0, 0.0, 0])
-                acc[0], acc[1], acc[2] = acc[0] + a_sum, acc[1] + g_sum, acc[2] + n_samples
-            factors = {block: (a / n, g / n) for block, (a, g, n) in new_factors.items()}
-            # one reduction per factor is enough: a sum is finite only if every entry is
-            if not all(th.isfinite(a.sum() + g.sum()) for a, g in factors.values()):
+                acc = sums.get(block)
+                if acc is None:
+                    sums[block] = [a_sum, g_sum, n_samples]
+                else:
+                    acc[0], acc[1], acc[2] = acc[0] + a_sum, acc[1] + g_sum, acc[2] + n_samples
+            if not sums:
+                return False
+            # a norm is finite only if every entry is: one fused reduction guards all factors
+            norms = th._foreach_norm([t for a_sum, g_sum, _ in sums.values() for t in (a_sum, g_sum)])
+            if not bool(th.isfinite(th.stack(norms)).all()):
                 self.counters["skipped_stats"] += 1
                 warnings.warn("KFAC.update_statistics: non-finite statistics were ignored")
                 return False
-            for block, (a_new, g_new) in factors.items():
+            rho = self.stats_decay
+            for block, (a_sum, g_sum, n_samples) in sums.items():
                 state = self.state[block.weight]
                 if "A" not in state:
-                    state["A"], state["G"] = a_new, g_new
+                    state["A"], state["G"] = a_sum / n_samples, g_sum / n_samples
                 else:
-                    state["A"].lerp_(a_new, 1.0 - self.stats_decay)
-                    state["G"].lerp_(g_new, 1.0 - self.stats_decay)
+                    state["A"].mul_(rho).add_(a_sum, alpha=(1.0 - rho) / n_samples)
+                    state["G"].mul_(rho).add_(g_sum, alpha=(1.0 - rho) / n_samples)
         self.counters["stats_updates"] += 1
         return True
 
@@ -485,9 +501,8 @@ class KFAC(th.optim.Optimizer):
             for block in self.blocks:
                 if not any(id(p) in given for p in block.params):
                     continue
-                w_vec = given.get(id(block.weight), th.zeros_like(block.weight))
                 b_vec = given.get(id(block.bias)) if block.bias is not None else None
-                solved = self._solve(block, block.to_matrix(w_vec, b_vec))
+                solved = self._solve(block, block.to_matrix(given.get(id(block.weight)), b_vec))
                 if solved is None:
                     continue
                 w_new, b_new = block.from_matrix(solved)
@@ -525,7 +540,10 @@ class KFAC(th.optim.Optimizer):
         grads = {id(p): g for p, g in zip(params, grad_list)}
 
         new_stats = self.counters["stats_updates"] > self.counters["stats_at_curvature"]
-        due = self.counters["curvature_updates"] == 0 or self.counters["steps"] % self.kfac_update == 0
+        due = (
+            self.counters["curvature_updates"] == 0
+            or self.counters["steps"] % self.kfac_update == 0
+        )
         if new_stats and due:
             self.update_preconditioner()
 
@@ -581,7 +599,7 @@ class KFAC(th.optim.Optimizer):
                 factors = tuple(f[index] for f in factors)
             mats = th.stack(
                 [
-                    b.to_matrix(grads.get(id(b.weight), th.zeros_like(b.weight)), grads.get(id(b.bias)) if b.bias is not None else None)
+                    b.to_matrix(grads.get(id(b.weight)), grads.get(id(b.bias)) if b.bias is not None else None)
                     for b in present
                 ]
             )
@@ -600,9 +618,7 @@ class KFAC(th.optim.Optimizer):
         for block in self._unbatched:
             if id(block.weight) not in grads and (block.bias is None or id(block.bias) not in grads):
                 continue
-            mat = block.to_matrix(
-                grads.get(id(block.weight), th.zeros_like(block.weight)), grads.get(id(block.bias)) if block.bias is not None else None
-            )
+            mat = block.to_matrix(grads.get(id(block.weight)), grads.get(id(block.bias)) if block.bias is not None else None)
             solved = self._solve(block, mat)
             if solved is None:
                 continue
