@@ -8,8 +8,13 @@ Wall time per environment step of ACKTR vs SB3's A2C with the same n_envs / n_st
     python benchmarks/acktr_cost.py [--updates-mlp 400] [--updates-cnn 60] [--repeats 3]
 
 The two algorithms are timed alternately, ``--repeats`` times, after a warm-up; the best (least disturbed)
-time of each is used. ACKTR runs with the settings in ``ACKTR_KWARGS`` (what we recommend for each case):
-the statistics and the eigendecompositions / inverses are amortized over several updates.
+time of each is used. ACKTR runs with each setting in ``ACKTR_KWARGS``:
+
+- mlp "fresh": eigendecompositions and statistics at every update (the CartPole settings of
+  benchmarks/acktr_sample_efficiency.py, the fastest to learn there);
+- mlp "amortized": eigendecompositions every 10 updates, statistics every 4 (cheaper, learns CartPole slower);
+- cnn: statistics every 10 updates, factored-damping inverses every 10, rank-128 input factor for the
+  3136 -> 512 layer.
 """
 
 import argparse
@@ -24,9 +29,9 @@ from stable_baselines3.common.envs import FakeImageEnv
 
 from sb3_trpo_kfac.acktr import ACKTR
 
-ACKTR_KWARGS: dict[str, dict[str, Any]] = {
-    "mlp": dict(kfac_update=10, kfac_stats_interval=1),
-    "cnn": dict(kfac_update=10, kfac_stats_interval=10, kfac_inverse="inverse", kfac_low_rank=128),
+ACKTR_KWARGS: dict[str, dict[str, dict[str, Any]]] = {
+    "mlp": {"fresh": dict(kfac_update=1), "amortized": dict(kfac_update=10, kfac_stats_interval=4)},
+    "cnn": {"amortized": dict(kfac_update=10, kfac_stats_interval=10, kfac_inverse="inverse", kfac_low_rank=128)},
 }
 
 
@@ -56,21 +61,26 @@ def main() -> None:
         policy = "MlpPolicy" if case == "mlp" else "CnnPolicy"
         updates = args.updates_mlp if case == "mlp" else args.updates_cnn
         a2c = A2C(policy, make_env(case, 0), n_steps=5, seed=0, device="cpu")
-        acktr = ACKTR(policy, make_env(case, 0), n_steps=5, seed=0, device="cpu", **ACKTR_KWARGS[case])
-        for model in (a2c, acktr):  # warm-up (allocations, first decompositions)
+        acktrs = {
+            label: ACKTR(policy, make_env(case, 0), n_steps=5, seed=0, device="cpu", **kwargs)
+            for label, kwargs in ACKTR_KWARGS[case].items()
+        }
+        models: dict[str, BaseAlgorithm] = {"A2C": a2c, **acktrs}
+        for model in models.values():  # warm-up (allocations, first decompositions)
             seconds_per_step(model, max(updates // 10, 11))
-        times: dict[str, list[float]] = {"A2C": [], "ACKTR": []}
+        times: dict[str, list[float]] = {name: [] for name in models}
         for _ in range(args.repeats):
-            times["A2C"].append(seconds_per_step(a2c, updates))
-            times["ACKTR"].append(seconds_per_step(acktr, updates))
+            for name, model in models.items():
+                times[name].append(seconds_per_step(model, updates))
         best = {name: min(values) for name, values in times.items()}
         median = {name: sorted(values)[len(values) // 2] for name, values in times.items()}
-        print(
-            f"{case}: A2C {best['A2C'] * 1e3:.3f} ms/step, ACKTR {best['ACKTR'] * 1e3:.3f} ms/step, "
-            f"ratio {best['ACKTR'] / best['A2C']:.3f} (best of {args.repeats}; median ratio "
-            f"{median['ACKTR'] / median['A2C']:.3f})  ACKTR settings {ACKTR_KWARGS[case]}",
-            flush=True,
-        )
+        for label in acktrs:
+            print(
+                f"{case} {label}: A2C {best['A2C'] * 1e3:.3f} ms/step, ACKTR {best[label] * 1e3:.3f} ms/step, "
+                f"ratio {best[label] / best['A2C']:.3f} (best of {args.repeats}; median ratio "
+                f"{median[label] / median['A2C']:.3f})  ACKTR settings {ACKTR_KWARGS[case][label]}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":
