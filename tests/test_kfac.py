@@ -422,3 +422,39 @@ def test_low_rank_input_factor_is_exact_when_rank_suffices(inverse):
         dense = th.kron(g + damping**0.5 / pi * th.eye(4, dtype=th.float64), a + pi * damping**0.5 * th.eye(31, dtype=th.float64))
     expected = th.linalg.solve(dense, _wbar(layer, grad_w, grad_b).flatten()).reshape(4, 31)
     th.testing.assert_close(_wbar(layer, w_out, b_out), expected)
+
+
+def test_float64_retry_when_float32_decomposition_fails(monkeypatch):
+    th.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))  # float32
+    opt = KFAC(model, lr=0.1)
+    original = th.linalg.eigh
+    dtypes = []
+
+    def flaky_eigh(mat, *args, **kwargs):
+        dtypes.append(mat.dtype)
+        if mat.dtype == th.float32:
+            raise th.linalg.LinAlgError("simulated float32 failure")
+        return original(mat, *args, **kwargs)
+
+    monkeypatch.setattr(th.linalg, "eigh", flaky_eigh)
+    x, y = th.randn(16, 3), th.randn(16, 2)
+    with opt.collect():
+        out = model(x)
+    opt.update_statistics(((out - (out + th.randn_like(out)).detach()) ** 2).sum())
+    opt.zero_grad()
+    F.mse_loss(out, y).backward()
+    opt.step()
+    assert th.float64 in dtypes and opt.counters["decomposition_failures"] == 0
+    assert opt.state[model[0].weight]["QA"].dtype == th.float32
+    assert opt.counters["updates"] == 1
+
+
+def test_weight_decay_enters_the_gradient():
+    scale = nn.Parameter(th.full((3,), 2.0, dtype=th.float64))
+    holder = nn.Module()
+    holder.scale = scale  # no K-FAC block: raw (decayed) gradient
+    opt = KFAC(holder, lr=0.5, momentum=0.0, kfac_clip=1e9, weight_decay=0.1)
+    scale.grad = th.zeros_like(scale)
+    opt.step()
+    th.testing.assert_close(scale.detach(), th.full((3,), 2.0 - 0.5 * 0.1 * 2.0, dtype=th.float64))
