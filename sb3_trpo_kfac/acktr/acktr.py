@@ -10,7 +10,8 @@ from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedul
 from stable_baselines3.common.utils import explained_variance
 from torch.nn import functional as F
 
-from sb3_trpo_kfac.common.kfac import INVERSE_MODES, KFAC, _check_int, _check_number
+from sb3_trpo_kfac.common.kfac import INVERSE_MODES, KFAC
+from sb3_trpo_kfac.common.validation import check_float, check_int
 
 SelfACKTR = TypeVar("SelfACKTR", bound="ACKTR")
 
@@ -133,29 +134,29 @@ class ACKTR(OnPolicyAlgorithm):
             if policy_kwargs is not None and key in policy_kwargs:
                 raise ValueError(f"`policy_kwargs['{key}']` is not supported: ACKTR's optimizer is K-FAC")
         if not callable(learning_rate):
-            _check_number("learning_rate", learning_rate, 0.0, low_open=True)
-        _check_int("n_steps", n_steps, 1)
-        _check_number("gamma", gamma, 0.0, 1.0)
-        _check_number("gae_lambda", gae_lambda, 0.0, 1.0)
-        _check_number("ent_coef", ent_coef, -float("inf"))
-        _check_number("vf_coef", vf_coef, 0.0)
-        _check_number("max_grad_norm", max_grad_norm, 0.0, low_open=True)
-        self.kfac_clip = _check_number("kfac_clip", kfac_clip, 0.0, low_open=True)
-        self.damping = _check_number("damping", damping, 0.0, low_open=True)
-        self.momentum = _check_number("momentum", momentum, 0.0, 1.0)
+            check_float("learning_rate", learning_rate, 0.0, low_inclusive=False)
+        check_int("n_steps", n_steps, 1)
+        check_float("gamma", gamma, 0.0, 1.0)
+        check_float("gae_lambda", gae_lambda, 0.0, 1.0)
+        check_float("ent_coef", ent_coef)
+        check_float("vf_coef", vf_coef, 0.0)
+        check_float("max_grad_norm", max_grad_norm, 0.0, low_inclusive=False)
+        self.kfac_clip = check_float("kfac_clip", kfac_clip, 0.0, low_inclusive=False)
+        self.damping = check_float("damping", damping, 0.0, low_inclusive=False)
+        self.momentum = check_float("momentum", momentum, 0.0, 1.0)
         if self.momentum == 1.0:
             raise ValueError("`momentum` must be < 1 (the step is learning_rate * (1 - momentum))")
-        self.stats_decay = _check_number("stats_decay", stats_decay, 0.0, 1.0)
+        self.stats_decay = check_float("stats_decay", stats_decay, 0.0, 1.0)
         if self.stats_decay == 1.0:
             raise ValueError("`stats_decay` must be < 1, otherwise the statistics never change")
-        self.kfac_update = _check_int("kfac_update", kfac_update, 1)
-        self.kfac_stats_interval = _check_int("kfac_stats_interval", kfac_stats_interval, 1)
+        self.kfac_update = check_int("kfac_update", kfac_update, 1)
+        self.kfac_stats_interval = check_int("kfac_stats_interval", kfac_stats_interval, 1)
         if kfac_inverse not in INVERSE_MODES:
             raise ValueError(f"`kfac_inverse` must be one of {INVERSE_MODES}, got {kfac_inverse!r}")
         self.kfac_inverse = kfac_inverse
-        self.kfac_low_rank = None if kfac_low_rank is None else _check_int("kfac_low_rank", kfac_low_rank, 1)
-        self.vf_fisher_coef = _check_number("vf_fisher_coef", vf_fisher_coef, 0.0)
-        self.cold_iter = _check_int("cold_iter", cold_iter, 0)
+        self.kfac_low_rank = None if kfac_low_rank is None else check_int("kfac_low_rank", kfac_low_rank, 1)
+        self.vf_fisher_coef = check_float("vf_fisher_coef", vf_fisher_coef, 0.0)
+        self.cold_iter = check_int("cold_iter", cold_iter, 0)
 
         super().__init__(
             policy,

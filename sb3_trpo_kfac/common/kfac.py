@@ -28,7 +28,6 @@ raw gradient; they are counted in the trust region and scaled with the rest.
 
 import contextlib
 import math
-import numbers
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -37,26 +36,11 @@ import torch as th
 from torch import nn
 from torch.nn import functional as F
 
+from sb3_trpo_kfac.common.validation import check_float, check_int
+
 INVERSE_MODES = ("eigen", "inverse")
 # Eigenvalues below this are treated as exact zeros (numerical noise of eigh on a PSD matrix).
 EIGENVALUE_FLOOR = 1e-6
-
-
-def _check_number(name: str, value: object, low: float, high: float = math.inf, low_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"`{name}` must be a number, got {type(value).__name__} ({value!r})")
-    value = float(value)
-    if not (value > low if low_open else value >= low) or value > high or value != value:
-        raise ValueError(f"`{name}` must be in {'(' if low_open else '['}{low}, {high}], got {value}")
-    return value
-
-
-def _check_int(name: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"`{name}` must be an int, got {type(value).__name__} ({value!r})")
-    if value < low:
-        raise ValueError(f"`{name}` must be >= {low}, got {value}")
-    return int(value)
 
 
 class KFACBlock:
@@ -180,24 +164,24 @@ class KFAC(th.optim.Optimizer):
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
-        lr = _check_number("lr", lr, 0.0)
-        momentum = _check_number("momentum", momentum, 0.0, 1.0)
+        lr = check_float("lr", lr, 0.0)
+        momentum = check_float("momentum", momentum, 0.0, 1.0)
         if momentum == 1.0:
             raise ValueError("`momentum` must be < 1 (the step is lr * (1 - momentum))")
-        weight_decay = _check_number("weight_decay", weight_decay, 0.0)
-        self.stats_decay = _check_number("stats_decay", stats_decay, 0.0, 1.0)
+        weight_decay = check_float("weight_decay", weight_decay, 0.0)
+        self.stats_decay = check_float("stats_decay", stats_decay, 0.0, 1.0)
         if self.stats_decay == 1.0:
             raise ValueError("`stats_decay` must be < 1, otherwise the statistics never change")
-        self.damping = _check_number("damping", damping, 0.0, low_open=True)
-        self.kfac_clip = _check_number("kfac_clip", kfac_clip, 0.0, low_open=True)
-        self.kfac_update = _check_int("kfac_update", kfac_update, 1)
-        self.cold_iter = _check_int("cold_iter", cold_iter, 0)
-        self.cold_max_grad_norm = _check_number("cold_max_grad_norm", cold_max_grad_norm, 0.0, low_open=True)
+        self.damping = check_float("damping", damping, 0.0, low_inclusive=False)
+        self.kfac_clip = check_float("kfac_clip", kfac_clip, 0.0, low_inclusive=False)
+        self.kfac_update = check_int("kfac_update", kfac_update, 1)
+        self.cold_iter = check_int("cold_iter", cold_iter, 0)
+        self.cold_max_grad_norm = check_float("cold_max_grad_norm", cold_max_grad_norm, 0.0, low_inclusive=False)
         if inverse not in INVERSE_MODES:
             raise ValueError(f"`inverse` must be one of {INVERSE_MODES}, got {inverse!r}")
         self.inverse = inverse
-        self.low_rank = None if low_rank is None else _check_int("low_rank", low_rank, 1)
-        self.low_rank_min_dim = _check_int("low_rank_min_dim", low_rank_min_dim, 1)
+        self.low_rank = None if low_rank is None else check_int("low_rank", low_rank, 1)
+        self.low_rank_min_dim = check_int("low_rank_min_dim", low_rank_min_dim, 1)
 
         param_list = list(model.parameters() if params is None else params)
         param_list = list({id(p): p for p in param_list if p.requires_grad}.values())
