@@ -12,9 +12,14 @@ time of each is used. ACKTR runs with each setting in ``ACKTR_KWARGS``:
 
 - mlp "fresh": eigendecompositions and statistics at every update (the CartPole settings of
   benchmarks/acktr_sample_efficiency.py, the fastest to learn there);
+- mlp "fresh async": the same with ``kfac_async=True``: the eigendecompositions run in a background thread
+  overlapped with the next rollout (each update uses the previous update's basis);
 - mlp "amortized": eigendecompositions every 10 updates, statistics every 4 (cheaper, learns CartPole slower);
 - cnn: statistics every 10 updates, factored-damping inverses every 10, rank-128 input factor for the
-  3136 -> 512 layer.
+  3136 -> 512 layer; with and without ``kfac_async``.
+
+``--only`` restricts the ACKTR rows (e.g. ``--only "fresh async"``). The async rows need a second core: the
+main thread runs with one torch thread, the decomposition worker beside it.
 """
 
 import argparse
@@ -30,8 +35,17 @@ from stable_baselines3.common.envs import FakeImageEnv
 from sb3_trpo_kfac.acktr import ACKTR
 
 ACKTR_KWARGS: dict[str, dict[str, dict[str, Any]]] = {
-    "mlp": {"fresh": dict(kfac_update=1), "amortized": dict(kfac_update=10, kfac_stats_interval=4)},
-    "cnn": {"amortized": dict(kfac_update=10, kfac_stats_interval=10, kfac_inverse="inverse", kfac_low_rank=128)},
+    "mlp": {
+        "fresh": dict(kfac_update=1, kfac_async=False),
+        "fresh async": dict(kfac_update=1, kfac_async=True),
+        "amortized": dict(kfac_update=10, kfac_stats_interval=4, kfac_async=False),
+    },
+    "cnn": {
+        "amortized": dict(kfac_update=10, kfac_stats_interval=10, kfac_inverse="inverse", kfac_low_rank=128, kfac_async=False),
+        "amortized async": dict(
+            kfac_update=10, kfac_stats_interval=10, kfac_inverse="inverse", kfac_low_rank=128, kfac_async=True
+        ),
+    },
 }
 
 
@@ -54,6 +68,7 @@ def main() -> None:
     parser.add_argument("--updates-cnn", type=int, default=60)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cases", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
+    parser.add_argument("--only", nargs="+", default=None, help="ACKTR rows to time (default: all of the case)")
     args = parser.parse_args()
     th.set_num_threads(1)
 
@@ -64,6 +79,7 @@ def main() -> None:
         acktrs = {
             label: ACKTR(policy, make_env(case, 0), n_steps=5, seed=0, device="cpu", **kwargs)
             for label, kwargs in ACKTR_KWARGS[case].items()
+            if args.only is None or label in args.only
         }
         models: dict[str, BaseAlgorithm] = {"A2C": a2c, **acktrs}
         for model in models.values():  # warm-up (allocations, first decompositions)

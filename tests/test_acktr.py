@@ -87,11 +87,12 @@ def _state_tensors(model: ACKTR) -> list[th.Tensor]:
     return [t for p in model.policy.parameters() for t in optimizer.state[p].values()]
 
 
-def test_save_load_learn_matches_uninterrupted(tmp_path):
+@pytest.mark.parametrize("kfac_async", [False, True])
+def test_save_load_learn_matches_uninterrupted(tmp_path, kfac_async):
     def make_env():
         return make_vec_env("CartPole-v1", n_envs=2, seed=0)
 
-    kwargs = dict(n_steps=8, kfac_update=3, policy_kwargs=TINY, seed=0, device="cpu")
+    kwargs = dict(n_steps=8, kfac_update=3, kfac_async=kfac_async, policy_kwargs=TINY, seed=0, device="cpu")
     model = ACKTR("MlpPolicy", make_env(), **kwargs)
     model.learn(160)
     model.save(tmp_path / "acktr")
@@ -100,6 +101,7 @@ def test_save_load_learn_matches_uninterrupted(tmp_path):
     assert loaded.policy.optimizer.counters == model.policy.optimizer.counters
     assert all(th.equal(a, b) for a, b in zip(_state_tensors(model), _state_tensors(loaded)))
     assert len(_state_tensors(loaded)) > 0
+    assert loaded.kfac_async == kfac_async and loaded.policy.optimizer.async_decomposition == kfac_async
 
     # A fresh optimizer state for contrast: the continuation must depend on the carried K-FAC state.
     fresh = ACKTR.load(tmp_path / "acktr", env=make_env(), device="cpu")
@@ -111,6 +113,19 @@ def test_save_load_learn_matches_uninterrupted(tmp_path):
     for p, q, r in zip(model.policy.parameters(), loaded.policy.parameters(), fresh.policy.parameters()):
         assert th.equal(p, q)
     assert any(not th.equal(p, r) for p, r in zip(model.policy.parameters(), fresh.policy.parameters()))
+
+
+def test_async_decomposition_is_deterministic_and_learns_like_sync_at_first():
+    def run(kfac_async: bool, seed: int = 0) -> ACKTR:
+        env = make_vec_env("CartPole-v1", n_envs=2, seed=seed)
+        model = ACKTR("MlpPolicy", env, n_steps=8, kfac_async=kfac_async, policy_kwargs=TINY, seed=seed, device="cpu")
+        return model.learn(8 * 2 * 6)
+
+    first, second, sync = run(True), run(True), run(False)
+    assert all(th.equal(p, q) for p, q in zip(first.policy.parameters(), second.policy.parameters()))
+    # same statistics, but from the second update on the bases are one update older
+    assert first.policy.optimizer.counters["stats_updates"] == sync.policy.optimizer.counters["stats_updates"] == 6
+    assert any(not th.equal(p, q) for p, q in zip(first.policy.parameters(), sync.policy.parameters()))
 
 
 def test_no_grad_rollouts_do_not_touch_statistics():
@@ -153,6 +168,7 @@ def test_non_finite_loss_never_reaches_parameters():
         (dict(kfac_inverse="qr"), ValueError, "kfac_inverse"),
         (dict(vf_fisher_coef=-1.0), ValueError, "vf_fisher_coef"),
         (dict(cold_iter=-2), ValueError, "cold_iter"),
+        (dict(kfac_async=1), TypeError, "kfac_async"),
         (dict(gamma=1.5), ValueError, "gamma"),
     ],
 )

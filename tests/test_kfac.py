@@ -458,3 +458,106 @@ def test_weight_decay_enters_the_gradient():
     scale.grad = th.zeros_like(scale)
     opt.step()
     th.testing.assert_close(scale.detach(), th.full((3,), 2.0 - 0.5 * 0.1 * 2.0, dtype=th.float64))
+
+
+# ---------------------------------------------------------------------- background (async) decompositions
+_DECOMPOSITION_KEYS = ("QA", "dA", "QG", "dG", "A_inv", "G_inv")
+
+
+def _decompositions(opt: KFAC) -> list[th.Tensor]:
+    return [opt.state[b.weight][k].clone() for b in opt.blocks for k in _DECOMPOSITION_KEYS if k in opt.state[b.weight]]
+
+
+@pytest.mark.parametrize("inverse", ["eigen", "inverse"])
+def test_async_decomposition_equals_synchronous_one_update_late(inverse):
+    model = _mlp()
+    opt = KFAC(model, lr=0.1, inverse=inverse, async_decomposition=True)
+    _train_steps(model, opt, 1, seed=0)  # the first decomposition is synchronous
+    assert opt._pending is None and opt.counters["curvature_updates"] == 1
+    first = _decompositions(opt)
+    _train_steps(model, opt, 1, seed=1)
+    # the second step used the first basis and started decomposing a snapshot of the new factors
+    assert opt._pending is not None and opt.counters["curvature_updates"] == 1
+    assert all(th.equal(a, b) for a, b in zip(first, _decompositions(opt)))
+    factors = [(opt.state[b.weight]["A"].clone(), opt.state[b.weight]["G"].clone()) for b in opt.blocks]
+    opt._join_pending()
+    assert opt.counters["curvature_updates"] == 2 and opt.counters["stats_at_curvature"] == 2
+    background = _decompositions(opt)
+    assert not all(th.equal(a, b) for a, b in zip(first, background))
+    # a synchronous decomposition of the same factors gives the same result
+    opt.update_preconditioner()
+    for block, (a, g) in zip(opt.blocks, factors):
+        assert th.equal(opt.state[block.weight]["A"], a) and th.equal(opt.state[block.weight]["G"], g)
+    for a, b in zip(background, _decompositions(opt)):
+        th.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_async_snapshot_is_not_affected_by_later_statistics():
+    model = _mlp()
+    opt = KFAC(model, lr=0.1, async_decomposition=True)
+    _train_steps(model, opt, 2, seed=0)  # a job on the factors after 2 statistics updates is pending
+    snapshot = [(opt.state[b.weight]["A"].clone(), opt.state[b.weight]["G"].clone()) for b in opt.blocks]
+    _fit_statistics(model, opt, batches=2)  # in-place updates of the live factors
+    opt._join_pending()
+    for block, (a, g) in zip(opt.blocks, snapshot):
+        d_a, q_a = th.linalg.eigh(a)
+        d_g, q_g = th.linalg.eigh(g)
+        state = opt.state[block.weight]
+        # Q diag(d) Qᵀ reproduces the snapshot, not the updated factors (eigenvalues clamped at 1e-6 only)
+        th.testing.assert_close(state["QA"] @ th.diag(state["dA"]) @ state["QA"].T, a, atol=1e-6, rtol=0)
+        th.testing.assert_close(state["QG"] @ th.diag(state["dG"]) @ state["QG"].T, g, atol=1e-6, rtol=0)
+        th.testing.assert_close(state["dG"], th.where(d_g < 1e-6, 0.0, d_g))
+        assert not th.allclose(state["QA"] @ th.diag(state["dA"]) @ state["QA"].T, state["A"], atol=1e-6)
+    assert opt.counters["stats_at_curvature"] == 2 and opt.counters["stats_updates"] == 4
+
+
+def test_async_is_deterministic_and_state_dict_during_pending_job():
+    models = [_mlp() for _ in range(3)]
+    opts = [KFAC(m, lr=0.1, kfac_update=1, async_decomposition=True) for m in models]
+    for model, opt in zip(models, opts):
+        _train_steps(model, opt, 4, seed=0)
+    assert all(opt._pending is not None for opt in opts)
+    # determinism: same data, same result
+    assert all(th.equal(p, q) for p, q in zip(models[0].parameters(), models[1].parameters()))
+
+    # save while a job is pending: state_dict() joins it; load into an optimizer that has its own pending job
+    buffer = io.BytesIO()
+    th.save(opts[0].state_dict(), buffer)
+    buffer.seek(0)
+    clone = copy.deepcopy(models[0])
+    opt_clone = KFAC(clone, lr=0.1, async_decomposition=True)
+    _train_steps(clone, opt_clone, 3, seed=5)
+    assert opt_clone._pending is not None
+    opt_clone.load_state_dict(th.load(buffer, weights_only=False))
+    assert opt_clone._pending is None and opt_clone.counters == opts[0].counters
+    with th.no_grad():
+        for p, q in zip(models[0].parameters(), clone.parameters()):
+            q.copy_(p)
+
+    # continuations: after save, after load, and uninterrupted (no state_dict call) all agree
+    for model, opt in ((models[0], opts[0]), (clone, opt_clone), (models[1], opts[1])):
+        _train_steps(model, opt, 4, seed=1)
+    for p, q, r in zip(models[0].parameters(), clone.parameters(), models[1].parameters()):
+        assert th.equal(p, q) and th.equal(p, r)
+
+
+def test_async_decomposition_failure_is_reported_in_the_caller(monkeypatch):
+    model = _mlp()
+    opt = KFAC(model, lr=0.1, async_decomposition=True)
+    _train_steps(model, opt, 1, seed=0)
+    basis = opt.state[model[0].weight]["QA"].clone()
+
+    def broken_eigh(*args, **kwargs):
+        raise th.linalg.LinAlgError("simulated failure")
+
+    monkeypatch.setattr(th.linalg, "eigh", broken_eigh)
+    _train_steps(model, opt, 1, seed=1)  # submits the (failing) job
+    with pytest.warns(UserWarning, match="keeping the previous basis"):
+        opt._join_pending()
+    assert opt.counters["decomposition_failures"] == 4
+    assert th.equal(opt.state[model[0].weight]["QA"], basis)
+
+
+def test_async_bad_argument():
+    with pytest.raises(TypeError, match="async_decomposition"):
+        KFAC(_mlp(), async_decomposition="yes")  # type: ignore[arg-type]

@@ -69,6 +69,10 @@ class ACKTR(OnPolicyAlgorithm):
         damping with plain inverses, cheaper for large layers)
     :param kfac_low_rank: If set, input factors larger than 1024 keep only this many eigenpairs (plus the mean
         of the others): much cheaper solves for large layers such as NatureCNN's 3136 -> 512 (see ``KFAC``)
+    :param kfac_async: Compute the eigendecompositions (or inverses) in a background thread, overlapped with
+        the next rollout: each update then uses the basis of the previous update's statistics (the first one is
+        computed synchronously). Deterministic; worthwhile with at least two CPU cores (see ``KFAC``'s
+        ``async_decomposition``).
     :param vf_fisher_coef: Weight of the value head's Gaussian likelihood in the Fisher loss
     :param cold_iter: Number of initial updates done with plain momentum SGD (gradient clipped to
         ``max_grad_norm``) while the statistics warm up
@@ -117,6 +121,7 @@ class ACKTR(OnPolicyAlgorithm):
         kfac_stats_interval: int = 1,
         kfac_inverse: str = "eigen",
         kfac_low_rank: int | None = None,
+        kfac_async: bool = False,
         vf_fisher_coef: float = 1.0,
         cold_iter: int = 0,
         stats_window_size: int = 100,
@@ -155,6 +160,9 @@ class ACKTR(OnPolicyAlgorithm):
             raise ValueError(f"`kfac_inverse` must be one of {INVERSE_MODES}, got {kfac_inverse!r}")
         self.kfac_inverse = kfac_inverse
         self.kfac_low_rank = None if kfac_low_rank is None else check_int("kfac_low_rank", kfac_low_rank, 1)
+        if not isinstance(kfac_async, bool):
+            raise TypeError(f"`kfac_async` must be a bool, got {type(kfac_async).__name__}")
+        self.kfac_async = kfac_async
         self.vf_fisher_coef = check_float("vf_fisher_coef", vf_fisher_coef, 0.0)
         self.cold_iter = check_int("cold_iter", cold_iter, 0)
 
@@ -208,6 +216,7 @@ class ACKTR(OnPolicyAlgorithm):
             cold_max_grad_norm=self.max_grad_norm,
             inverse=self.kfac_inverse,
             low_rank=self.kfac_low_rank,
+            async_decomposition=self.kfac_async,
         )
 
     def train(self) -> None:

@@ -28,6 +28,7 @@ raw gradient; they are counted in the trust region and scaled with the rest.
 
 import contextlib
 import math
+from concurrent.futures import Future, ThreadPoolExecutor
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -140,6 +141,14 @@ class KFAC(th.optim.Optimizer):
         remaining eigenvalues on the complement: the solve then costs ``O(out · in · low_rank)`` instead of
         ``O(out · in²)`` (e.g. NatureCNN's 3137 x 512 layer). Exact when ``A`` has rank <= ``low_rank``.
     :param low_rank_min_dim: smallest input-factor dimension that uses ``low_rank``
+    :param async_decomposition: decompose the factors in a background thread: a step that is due for new
+        decompositions starts them on a snapshot (copy) of the current factors in a single worker thread and
+        keeps the current basis; the next step waits for them and swaps them in. Each step thus uses a basis
+        one decomposition older than with the default synchronous mode (the very first one is synchronous),
+        and the decompositions overlap whatever the caller does between steps (in ACKTR, the next rollout).
+        ``torch.linalg.eigh`` releases the GIL, so this helps with at least two cores. Results are
+        deterministic: the swap happens at a fixed point (the next :meth:`step`, :meth:`precondition` or
+        :meth:`state_dict`); :meth:`load_state_dict` and :meth:`update_preconditioner` discard a pending job.
     :param modules: layers to cover (default: every ``nn.Linear`` / ``nn.Conv2d`` in ``model``)
     :param params: parameters to optimize (default: all parameters of ``model`` that require grad)
     """
@@ -159,6 +168,7 @@ class KFAC(th.optim.Optimizer):
         inverse: str = "eigen",
         low_rank: int | None = None,
         low_rank_min_dim: int = 1024,
+        async_decomposition: bool = False,
         modules: Iterable[nn.Module] | None = None,
         params: Iterable[nn.Parameter] | None = None,
     ) -> None:
@@ -182,6 +192,12 @@ class KFAC(th.optim.Optimizer):
         self.inverse = inverse
         self.low_rank = None if low_rank is None else check_int("low_rank", low_rank, 1)
         self.low_rank_min_dim = check_int("low_rank_min_dim", low_rank_min_dim, 1)
+        if not isinstance(async_decomposition, bool):
+            raise TypeError(f"`async_decomposition` must be a bool, got {type(async_decomposition).__name__}")
+        self.async_decomposition = async_decomposition
+        self._executor: ThreadPoolExecutor | None = None
+        # (future, stats_updates of its snapshot) of the background decomposition in flight
+        self._pending: tuple[Future, int] | None = None
 
         param_list = list(model.parameters() if params is None else params)
         param_list = list({id(p): p for p in param_list if p.requires_grad}.values())
@@ -330,9 +346,14 @@ class KFAC(th.optim.Optimizer):
 
     # ------------------------------------------------------------------ curvature
     def _decompose(
-        self, name: str, mat: th.Tensor, previous: tuple[th.Tensor, th.Tensor] | None, count_failure: bool = True
+        self, name: str, mat: th.Tensor, previous: tuple[th.Tensor, th.Tensor] | None, failures: list[str] | None
     ) -> tuple[th.Tensor, th.Tensor] | None:
-        """Eigendecomposition with eigenvalue clamping, a float64 retry, and the previous basis as fallback."""
+        """
+        Eigendecomposition with eigenvalue clamping, a float64 retry, and the previous basis as fallback.
+
+        Pure (it may run in the decomposition worker): a failure is appended to ``failures`` (if given), and
+        counted / warned about by :meth:`_apply_curvature` in the calling thread.
+        """
         for dtype in (mat.dtype, th.float64):
             try:
                 evals, evecs = th.linalg.eigh(mat.to(dtype))
@@ -341,13 +362,16 @@ class KFAC(th.optim.Optimizer):
             if th.isfinite(evals).all() and th.isfinite(evecs).all():
                 evals = th.where(evals < EIGENVALUE_FLOOR, th.zeros_like(evals), evals)
                 return evals.to(mat.dtype), evecs.to(mat.dtype)
-        if count_failure:
-            self.counters["decomposition_failures"] += 1
-            warnings.warn(f"KFAC: eigendecomposition of a factor of {name} failed; keeping the previous basis")
+        if failures is not None:
+            failures.append(f"KFAC: eigendecomposition of a factor of {name} failed; keeping the previous basis")
         return previous
 
     def _top_eigen(
-        self, name: str, mat: th.Tensor, previous: tuple[th.Tensor, th.Tensor, th.Tensor] | None
+        self,
+        name: str,
+        mat: th.Tensor,
+        previous: tuple[th.Tensor, th.Tensor, th.Tensor] | None,
+        failures: list[str],
     ) -> tuple[th.Tensor, th.Tensor, th.Tensor] | None:
         """
         Top ``low_rank`` eigenpairs of a PSD factor by subspace iteration (several sweeps from a fixed random
@@ -366,18 +390,19 @@ class KFAC(th.optim.Optimizer):
             for _ in range(sweeps):
                 basis = th.linalg.qr(mat @ basis).Q
             projected = basis.T @ mat @ basis
-            result = self._decompose(name, (projected + projected.T) / 2, None, count_failure=False)
+            result = self._decompose(name, (projected + projected.T) / 2, None, None)
         except RuntimeError:
             result = None
         if result is None:
-            self.counters["decomposition_failures"] += 1
-            warnings.warn(f"KFAC: low-rank eigendecomposition of a factor of {name} failed; keeping the previous basis")
+            failures.append(f"KFAC: low-rank eigendecomposition of a factor of {name} failed; keeping the previous basis")
             return previous
         evals, rotation = result
         rest = ((mat.trace() - evals.sum()) / (dim - rank)).clamp(min=0.0)
         return evals, basis @ rotation, rest
 
-    def _invert(self, name: str, mat: th.Tensor, shift: float, previous: th.Tensor | None) -> th.Tensor | None:
+    def _invert(
+        self, name: str, mat: th.Tensor, shift: float, previous: th.Tensor | None, failures: list[str]
+    ) -> th.Tensor | None:
         """Inverse of ``mat + shift I`` (Cholesky), with a float64 retry and the previous inverse as fallback."""
         for dtype in (mat.dtype, th.float64):
             shifted = mat.to(dtype) + shift * th.eye(mat.shape[0], dtype=dtype, device=mat.device)
@@ -386,8 +411,7 @@ class KFAC(th.optim.Optimizer):
                 inv = th.cholesky_inverse(chol)
                 if th.isfinite(inv).all():
                     return inv.to(mat.dtype)
-        self.counters["decomposition_failures"] += 1
-        warnings.warn(f"KFAC: inversion of a factor of {name} failed; keeping the previous inverse")
+        failures.append(f"KFAC: inversion of a factor of {name} failed; keeping the previous inverse")
         return previous
 
     def _block_damping(self) -> float:
@@ -396,44 +420,117 @@ class KFAC(th.optim.Optimizer):
     def _is_low_rank(self, dim: int) -> bool:
         return self.low_rank is not None and dim > self.low_rank_min_dim and dim > self.low_rank
 
-    @th.no_grad()
-    def update_preconditioner(self) -> None:
-        """Recompute the eigendecompositions (or inverses) of all running factors now."""
-        damping = self._block_damping()
+    # keys of a block's state that the curvature computation reads (factors) or writes (decompositions)
+    _CURVATURE_KEYS = ("A", "G", "QA", "dA", "sA", "QG", "dG", "A_inv", "G_inv", "wA", "wA_rest")
+
+    def _curvature_inputs(self, clone: bool) -> list[tuple[KFACBlock, dict[str, th.Tensor]]]:
+        """
+        Per block with statistics: its factors and current decompositions. With ``clone`` the factors are copied
+        (they are updated in place by :meth:`update_statistics`); decompositions are only ever replaced, never
+        modified in place, so they are passed by reference.
+        """
+        inputs = []
         for block in self.blocks:
             state = self.state[block.weight]
             if "A" not in state:
                 continue
+            entries = {key: state[key] for key in self._CURVATURE_KEYS if key in state}
+            if clone:
+                entries["A"], entries["G"] = entries["A"].clone(), entries["G"].clone()
+            inputs.append((block, entries))
+        return inputs
+
+    @th.no_grad()
+    def _compute_curvature(
+        self, inputs: list[tuple[KFACBlock, dict[str, th.Tensor]]], damping: float
+    ) -> tuple[list[tuple[KFACBlock, dict[str, th.Tensor]]], list[str]]:
+        """
+        Eigendecompositions (or inverses) of the given factors. Reads only ``inputs`` and the optimizer's
+        configuration and writes nothing, so it can run in the background worker.
+
+        :return: per block the new state entries, and the messages of the decompositions that failed
+        """
+        failures: list[str] = []
+        results = []
+        for block, state in inputs:
+            out: dict[str, th.Tensor] = {}
             low_rank = self._is_low_rank(state["A"].shape[0])
             if low_rank:
                 previous = (state["dA"], state["QA"], state["sA"]) if "sA" in state else None
-                result = self._top_eigen(block.name, state["A"], previous)
+                result = self._top_eigen(block.name, state["A"], previous, failures)
                 if result is not None:
-                    state["dA"], state["QA"], state["sA"] = result
+                    out["dA"], out["QA"], out["sA"] = result
             if self.inverse == "eigen":
                 for key, q_key, d_key in (("A", "QA", "dA"), ("G", "QG", "dG"))[int(low_rank) :]:
                     previous = (state[d_key], state[q_key]) if q_key in state else None
-                    result = self._decompose(block.name, state[key], previous)
+                    result = self._decompose(block.name, state[key], previous, failures)
                     if result is not None:
-                        state[d_key], state[q_key] = result
+                        out[d_key], out[q_key] = result
             else:
                 dim_a, dim_g = state["A"].shape[0], state["G"].shape[0]
                 mean_a, mean_g = state["A"].trace() / dim_a, state["G"].trace() / dim_g
                 pi = math.sqrt(mean_a / mean_g) if mean_a > 0 and mean_g > 0 else 1.0
                 root = math.sqrt(damping)
-                inv = self._invert(block.name, state["G"], root / pi, state.get("G_inv"))
+                inv = self._invert(block.name, state["G"], root / pi, state.get("G_inv"), failures)
                 if inv is not None:
-                    state["G_inv"] = inv
-                if low_rank and "sA" in state:
+                    out["G_inv"] = inv
+                if low_rank and "sA" in out:
                     # (A + s I)⁻¹ on the kept eigenvectors and on their complement
-                    state["wA"], state["wA_rest"] = 1.0 / (state["dA"] + pi * root), 1.0 / (state["sA"] + pi * root)
+                    out["wA"], out["wA_rest"] = 1.0 / (out["dA"] + pi * root), 1.0 / (out["sA"] + pi * root)
                 elif not low_rank:
-                    inv = self._invert(block.name, state["A"], pi * root, state.get("A_inv"))
+                    inv = self._invert(block.name, state["A"], pi * root, state.get("A_inv"), failures)
                     if inv is not None:
-                        state["A_inv"] = inv
+                        out["A_inv"] = inv
+            results.append((block, out))
+        return results, failures
+
+    def _apply_curvature(
+        self, results: list[tuple[KFACBlock, dict[str, th.Tensor]]], failures: list[str], stats_updates: int
+    ) -> None:
+        """Swap computed decompositions into the state (calling thread only); ``stats_updates`` they reflect."""
+        for block, entries in results:
+            self.state[block.weight].update(entries)
+        for message in failures:
+            self.counters["decomposition_failures"] += 1
+            warnings.warn(message)
         self.counters["curvature_updates"] += 1
-        self.counters["stats_at_curvature"] = self.counters["stats_updates"]
+        self.counters["stats_at_curvature"] = stats_updates
         self._batches = None
+
+    @th.no_grad()
+    def update_preconditioner(self) -> None:
+        """
+        Recompute the eigendecompositions (or inverses) of all running factors now, synchronously. A pending
+        background decomposition (``async_decomposition``) is discarded: it would only be older.
+        """
+        self._discard_pending()
+        results, failures = self._compute_curvature(self._curvature_inputs(clone=False), self._block_damping())
+        self._apply_curvature(results, failures, self.counters["stats_updates"])
+
+    # ------------------------------------------------------------------ background decompositions
+    def _submit_curvature(self) -> None:
+        """Start decomposing a snapshot of the current factors in the worker thread (``async_decomposition``)."""
+        self._discard_pending()
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kfac-decomposition")
+        inputs = self._curvature_inputs(clone=True)
+        future = self._executor.submit(self._compute_curvature, inputs, self._block_damping())
+        self._pending = (future, self.counters["stats_updates"])
+
+    def _join_pending(self) -> None:
+        """Wait for the background decomposition, if any, and swap its result in."""
+        if self._pending is None:
+            return
+        future, stats_updates = self._pending
+        self._pending = None
+        results, failures = future.result()
+        self._apply_curvature(results, failures, stats_updates)
+
+    def _discard_pending(self) -> None:
+        """Forget the background decomposition, if any (it only reads its own snapshot, so it may finish alone)."""
+        if self._pending is not None:
+            self._pending[0].cancel()
+            self._pending = None
 
     def _solve(self, block: KFACBlock, mat: th.Tensor) -> th.Tensor | None:
         """``(A ⊗ G + λI)⁻¹ vec(mat)`` for one block matrix, or None if the block has no curvature yet."""
@@ -477,6 +574,7 @@ class KFAC(th.optim.Optimizer):
         """
         if len(params) != len(vectors):
             raise ValueError(f"`params` and `vectors` differ in length ({len(params)} vs {len(vectors)})")
+        self._join_pending()
         if self.counters["curvature_updates"] == 0 and self.counters["stats_updates"] > 0:
             self.update_preconditioner()
         given = {id(p): v for p, v in zip(params, vectors)}
@@ -523,13 +621,18 @@ class KFAC(th.optim.Optimizer):
             grad_list = th._foreach_add(grad_list, params, alpha=weight_decay)
         grads = {id(p): g for p, g in zip(params, grad_list)}
 
+        if self.async_decomposition:
+            self._join_pending()  # the decomposition started at the previous step, one update old
         new_stats = self.counters["stats_updates"] > self.counters["stats_at_curvature"]
-        due = (
-            self.counters["curvature_updates"] == 0
-            or self.counters["steps"] % self.kfac_update == 0
-        )
+        first = self.counters["curvature_updates"] == 0
+        due = first or self.counters["steps"] % self.kfac_update == 0
         if new_stats and due:
-            self.update_preconditioner()
+            if self.async_decomposition and not first:
+                # decomposed in the background while the caller does other work (e.g. the next rollout);
+                # this step keeps the current basis, the next one swaps the new basis in
+                self._submit_curvature()
+            else:
+                self.update_preconditioner()
 
         cold = self.counters["updates"] < self.cold_iter
         directions = dict(grads)
@@ -641,6 +744,7 @@ class KFAC(th.optim.Optimizer):
     # ------------------------------------------------------------------ (de)serialisation
     def state_dict(self) -> dict[str, Any]:
         """Per-parameter state (momentum buffers, factors, eigenbases / inverses), param groups and counters."""
+        self._join_pending()  # the saved state is then the one the next step would use
         state_dict = super().state_dict()
         state_dict["kfac_counters"] = dict(self.counters)
         return state_dict
@@ -649,6 +753,7 @@ class KFAC(th.optim.Optimizer):
         """
         :param state_dict: as returned by :meth:`state_dict`
         """
+        self._discard_pending()  # computed from the factors being replaced
         state_dict = dict(state_dict)
         counters = state_dict.pop("kfac_counters", None)
         super().load_state_dict(state_dict)
