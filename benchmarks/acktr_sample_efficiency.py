@@ -5,6 +5,7 @@ first reaches 475, for ACKTR (the settings below) and SB3's A2C with rl-zoo3's a
 
     python benchmarks/acktr_sample_efficiency.py                 # both algorithms, seeds 0-4
     python benchmarks/acktr_sample_efficiency.py --algo acktr --seeds 0 1
+    python benchmarks/acktr_sample_efficiency.py --algo acktr --acktr-kwargs '{"kfac_async": true}'
 
 The criterion is checked after every rollout on the episodes finished so far (stochastic policy, the returns
 SB3 logs as rollout/ep_rew_mean but over the last 10 episodes); a run that never gets there counts as inf.
