@@ -24,7 +24,7 @@ def final_return(env_id: str, timesteps: int, seed: int) -> float:
 @pytest.mark.parametrize("seed", [0, 1])
 def test_cartpole_learns(seed: int) -> None:
     # A uniformly random policy scores about 22.
-    assert final_return("CartPole-v1", 20_000, seed) > 300
+    assert final_return("CartPole-v1", 30_000, seed) > 300
 
 
 def test_pendulum_learns() -> None:

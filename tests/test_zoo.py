@@ -291,7 +291,7 @@ def journal(path: Path) -> optuna.storages.JournalStorage:
 
 @pytest.mark.parametrize(
     ("algo", "expected"),
-    [("trpo", {"n_critic_updates": 20, "n_steps": 512, "n_envs": 2}), ("acktr", {"n_steps": 20, "n_envs": 8})],
+    [("trpo", {"n_critic_updates": 20, "n_steps": 512, "n_envs": 2}), ("acktr", {"n_steps": 10, "n_envs": 8})],
 )
 def test_train_enjoy_and_load(tmp_path, algo, expected):
     result = zoo("train", "--algo", algo, "--env", "CartPole-v1", "-n", "2000", "--seed", "3", "-P", *FAST, cwd=tmp_path)
