@@ -244,6 +244,14 @@ class TRPO(OnPolicyAlgorithm):
         objective = (advantages * th.exp(log_prob - old_log_prob)).mean()
         gradient = flat_concat(th.autograd.grad(objective, actor_params, retain_graph=True))
 
+        stats = {"policy_objective": objective.item(), "kl_divergence_loss": 0.0, "is_line_search_success": 0.0}
+        stats["line_search_step_fraction"] = 0.0
+        stats["non_finite_step"] = 0.0
+        if not th.isfinite(gradient).all():
+            stats["non_finite_step"] = 1.0
+            stats["cg_residual"] = float("nan")
+            return stats
+
         preconditioner = None
         # The rollout actions are samples of the current policy: their negative log-likelihood is a Fisher loss.
         if kfac is not None and kfac.update_statistics(-log_prob.sum()):
@@ -259,14 +267,6 @@ class TRPO(OnPolicyAlgorithm):
         else:
             fisher_distribution = distribution
         fisher = GaussNewtonFisher(fisher_distribution, actor_params, damping=self.cg_damping)
-
-        stats = {"policy_objective": objective.item(), "kl_divergence_loss": 0.0, "is_line_search_success": 0.0}
-        stats["line_search_step_fraction"] = 0.0
-        stats["non_finite_step"] = 0.0
-        if not th.isfinite(gradient).all():
-            stats["non_finite_step"] = 1.0
-            stats["cg_residual"] = float("nan")
-            return stats
 
         solve = conjugate_gradient(fisher, gradient, max_iter=self.cg_max_steps, preconditioner=preconditioner)
         stats["cg_residual"] = solve.relative_residual
