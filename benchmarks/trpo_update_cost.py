@@ -41,14 +41,11 @@ def fill_rollout(model) -> None:
     model.collect_rollouts(model.env, model._init_callback(None), model.rollout_buffer, model.n_steps)
 
 
-def time_train(model, state: dict, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        model.policy.load_state_dict(state)  # every update starts from the same parameters
-        start = time.perf_counter()
-        model.train()
-        times.append(time.perf_counter() - start)
-    return times
+def time_train(model, state: dict) -> float:
+    model.policy.load_state_dict(state)  # every update starts from the same parameters
+    start = time.perf_counter()
+    model.train()
+    return time.perf_counter() - start
 
 
 def bench(case: str, n_critic_updates: int, fisher_subsample: float, repeats: int) -> tuple[float, float]:
@@ -64,12 +61,12 @@ def bench(case: str, n_critic_updates: int, fisher_subsample: float, repeats: in
         setattr(theirs.rollout_buffer, key, getattr(ours.rollout_buffer, key).copy())
     state = {k: v.clone() for k, v in ours.policy.state_dict().items()}
     # Warm up once each, then alternate so drift in machine load hits both alike.
-    time_train(ours, state, 1)
-    time_train(theirs, state, 1)
+    time_train(ours, state)
+    time_train(theirs, state)
     ours_times, theirs_times = [], []
     for _ in range(repeats):
-        ours_times += time_train(ours, state, 1)
-        theirs_times += time_train(theirs, state, 1)
+        ours_times.append(time_train(ours, state))
+        theirs_times.append(time_train(theirs, state))
     return float(np.median(ours_times)), float(np.median(theirs_times))
 
 

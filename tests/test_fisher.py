@@ -85,7 +85,7 @@ def test_fisher_damping_and_symmetry() -> None:
 
 
 def test_split_ignores_names_and_finds_shared_layers() -> None:
-    # With a shared trunk (share_features_extractor + custom extractor params) the trunk belongs to the actor.
+    # On SB3's MlpPolicy the structural split must agree with the names: actor and critic partition the parameters.
     policy = make_policy(spaces.Discrete(3), {})
     observations = th.randn(2, 3, dtype=th.float64)
     actor, critic = split_actor_critic_parameters(policy, observations)

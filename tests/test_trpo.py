@@ -171,11 +171,9 @@ def test_save_load_predict_identical_and_optimizer_state(tmp_path) -> None:
     model.save(tmp_path / "trpo")
     loaded = TRPO.load(tmp_path / "trpo")
     observations = np.stack([model.observation_space.sample() for _ in range(10)])
-    for deterministic in (True,):
-        np.testing.assert_array_equal(
-            model.predict(observations, deterministic=deterministic)[0],
-            loaded.predict(observations, deterministic=deterministic)[0],
-        )
+    np.testing.assert_array_equal(
+        model.predict(observations, deterministic=True)[0], loaded.predict(observations, deterministic=True)[0]
+    )
     saved_state = model.policy.optimizer.state_dict()["state"]
     loaded_state = loaded.policy.optimizer.state_dict()["state"]
     assert saved_state.keys() == loaded_state.keys() and len(saved_state) > 0

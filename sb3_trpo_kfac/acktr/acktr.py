@@ -11,7 +11,7 @@ from stable_baselines3.common.utils import explained_variance
 from torch.nn import functional as F
 
 from sb3_trpo_kfac.common.kfac import INVERSE_MODES, KFAC
-from sb3_trpo_kfac.common.validation import check_float, check_int
+from sb3_trpo_kfac.common.validation import check_float, check_int, check_on_policy_arguments
 
 SelfACKTR = TypeVar("SelfACKTR", bound="ACKTR")
 
@@ -140,11 +140,7 @@ class ACKTR(OnPolicyAlgorithm):
         for key in ("optimizer_class", "optimizer_kwargs"):
             if policy_kwargs is not None and key in policy_kwargs:
                 raise ValueError(f"`policy_kwargs['{key}']` is not supported: ACKTR's optimizer is K-FAC")
-        if not callable(learning_rate):
-            check_float("learning_rate", learning_rate, 0.0, low_inclusive=False)
-        check_int("n_steps", n_steps, 1)
-        check_float("gamma", gamma, 0.0, 1.0)
-        check_float("gae_lambda", gae_lambda, 0.0, 1.0)
+        check_on_policy_arguments(learning_rate, n_steps, gamma, gae_lambda)
         check_float("ent_coef", ent_coef)
         check_float("vf_coef", vf_coef, 0.0)
         check_float("max_grad_norm", max_grad_norm, 0.0, low_inclusive=False)

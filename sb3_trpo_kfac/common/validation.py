@@ -45,3 +45,19 @@ def check_float(
         interval = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
         raise ValueError(f"`{name}` must be in {interval}, got {value}")
     return value
+
+
+def check_on_policy_arguments(learning_rate: object, n_steps: object, gamma: object, gae_lambda: object) -> None:
+    """
+    The checks every on-policy algorithm here shares (SB3's ``OnPolicyAlgorithm`` makes none of them).
+
+    :param learning_rate: a positive number, or a schedule (callable)
+    :param n_steps: steps per environment per rollout, >= 1
+    :param gamma: discount factor in [0, 1]
+    :param gae_lambda: GAE factor in [0, 1]
+    """
+    if not callable(learning_rate):
+        check_float("learning_rate", learning_rate, low=0.0, low_inclusive=False)
+    check_int("n_steps", n_steps, minimum=1)
+    check_float("gamma", gamma, 0.0, 1.0)
+    check_float("gae_lambda", gae_lambda, 0.0, 1.0)

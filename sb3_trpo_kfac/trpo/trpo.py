@@ -17,7 +17,7 @@ from sb3_trpo_kfac.common.conjugate_gradient import conjugate_gradient
 from sb3_trpo_kfac.common.kfac import KFAC
 from sb3_trpo_kfac.common.fisher import GaussNewtonFisher, detached_distribution, flat_concat, mean_kl, split_like
 from sb3_trpo_kfac.common.policy_parameters import index_observations, split_actor_critic_parameters
-from sb3_trpo_kfac.common.validation import check_float, check_int
+from sb3_trpo_kfac.common.validation import check_float, check_int, check_on_policy_arguments
 from sb3_trpo_kfac.trpo.policies import CnnPolicy, MlpPolicy, MultiInputPolicy
 
 SelfTRPO = TypeVar("SelfTRPO", bound="TRPO")
@@ -140,11 +140,7 @@ class TRPO(OnPolicyAlgorithm):
         if cg_preconditioner not in CG_PRECONDITIONERS:
             raise ValueError(f"`cg_preconditioner` must be one of {CG_PRECONDITIONERS}, got {cg_preconditioner!r}")
         self.cg_preconditioner = cg_preconditioner
-        check_int("n_steps", n_steps, minimum=1)
-        check_float("gamma", gamma, 0.0, 1.0)
-        check_float("gae_lambda", gae_lambda, 0.0, 1.0)
-        if not callable(learning_rate):
-            check_float("learning_rate", learning_rate, low=0.0)
+        check_on_policy_arguments(learning_rate, n_steps, gamma, gae_lambda)
 
         super().__init__(
             policy,
@@ -244,9 +240,13 @@ class TRPO(OnPolicyAlgorithm):
         objective = (advantages * th.exp(log_prob - old_log_prob)).mean()
         gradient = flat_concat(th.autograd.grad(objective, actor_params, retain_graph=True))
 
-        stats = {"policy_objective": objective.item(), "kl_divergence_loss": 0.0, "is_line_search_success": 0.0}
-        stats["line_search_step_fraction"] = 0.0
-        stats["non_finite_step"] = 0.0
+        stats = {
+            "policy_objective": objective.item(),
+            "kl_divergence_loss": 0.0,
+            "is_line_search_success": 0.0,
+            "line_search_step_fraction": 0.0,
+            "non_finite_step": 0.0,
+        }
         if not th.isfinite(gradient).all():
             stats["non_finite_step"] = 1.0
             stats["cg_residual"] = float("nan")
