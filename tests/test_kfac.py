@@ -356,6 +356,33 @@ def test_decomposition_failure_keeps_previous_basis(monkeypatch):
     assert th.equal(opt.state[model[0].weight]["QA"], basis)
 
 
+def test_same_size_factors_decompose_together_and_a_bad_one_fails_alone():
+    th.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4)).double()
+    opt = KFAC(model, lr=0.1)
+    gen = th.Generator().manual_seed(0)
+    with opt.collect():
+        out = model(th.randn(32, 4, dtype=th.float64, generator=gen))
+    opt.update_statistics(_sample_loss(out, th.randn(32, 4, dtype=th.float64, generator=gen)))
+    opt.update_preconditioner()  # three 5x5 A and three 4x4 G factors: one batched eigh per size
+    for layer in (model[0], model[2], model[4]):
+        state = opt.state[layer.weight]
+        for key, d_key, q_key in (("A", "dA", "QA"), ("G", "dG", "QG")):
+            dense = state[q_key] @ th.diag(state[d_key]) @ state[q_key].T
+            assert th.allclose(dense, state[key], atol=1e-12)
+    previous = opt.state[model[2].weight]["QA"].clone()
+    for layer in (model[0], model[4]):
+        opt.state[layer.weight]["A"].mul_(2.0)
+    opt.state[model[2].weight]["A"].fill_(float("nan"))
+    with pytest.warns(UserWarning, match="keeping the previous basis"):
+        opt.update_preconditioner()
+    assert opt.counters["decomposition_failures"] == 1
+    assert th.equal(opt.state[model[2].weight]["QA"], previous)
+    for layer in (model[0], model[4]):  # decomposed anyway, one by one
+        state = opt.state[layer.weight]
+        assert th.allclose(state["QA"] @ th.diag(state["dA"]) @ state["QA"].T, state["A"], atol=1e-12)
+
+
 def test_cold_start_is_clipped_momentum_sgd():
     model = _mlp()
     opt = KFAC(model, lr=0.5, momentum=0.0, cold_iter=1, cold_max_grad_norm=1e-3)

@@ -462,6 +462,9 @@ class KFAC(th.optim.Optimizer):
         """
         failures: list[str] = []
         results = []
+        # eigen mode: the full factors, grouped by size for one batched eigh per size (small networks have
+        # many same-size factors, and the per-call overhead is then most of the cost)
+        pending: dict[tuple[int, th.dtype], list[tuple[Any, ...]]] = {}
         for block, state in inputs:
             out: dict[str, th.Tensor] = {}
             low_rank = self._is_low_rank(state["A"].shape[0])
@@ -473,9 +476,8 @@ class KFAC(th.optim.Optimizer):
             if self.inverse == "eigen":
                 for key, q_key, d_key in (("A", "QA", "dA"), ("G", "QG", "dG"))[int(low_rank) :]:
                     previous = (state[d_key], state[q_key]) if q_key in state else None
-                    result = self._decompose(block.name, state[key], previous, failures)
-                    if result is not None:
-                        out[d_key], out[q_key] = result
+                    mat = state[key]
+                    pending.setdefault((mat.shape[0], mat.dtype), []).append((block.name, mat, previous, out, d_key, q_key))
             else:
                 dim_a, dim_g = state["A"].shape[0], state["G"].shape[0]
                 mean_a, mean_g = state["A"].trace() / dim_a, state["G"].trace() / dim_g
@@ -492,7 +494,27 @@ class KFAC(th.optim.Optimizer):
                     if inv is not None:
                         out["A_inv"] = inv
             results.append((block, out))
+        for group in pending.values():
+            decomposed = self._decompose_batch([mat for _, mat, _, _, _, _ in group])
+            for index, (name, mat, previous, out, d_key, q_key) in enumerate(group):
+                result = decomposed[index] if decomposed is not None else self._decompose(name, mat, previous, failures)
+                if result is not None:
+                    out[d_key], out[q_key] = result
         return results, failures
+
+    @staticmethod
+    def _decompose_batch(mats: list[th.Tensor]) -> list[tuple[th.Tensor, th.Tensor]] | None:
+        """:meth:`_decompose` of same-size factors in one batched call; None if any failed (then one by one)."""
+        if len(mats) == 1:
+            return None
+        try:
+            evals, evecs = th.linalg.eigh(th.stack(mats))
+        except RuntimeError:
+            return None
+        if not bool(th.isfinite(evals).all() and th.isfinite(evecs).all()):
+            return None
+        evals = th.where(evals < EIGENVALUE_FLOOR, th.zeros_like(evals), evals)
+        return list(zip(evals.unbind(0), evecs.unbind(0)))
 
     def _apply_curvature(
         self, results: list[tuple[KFACBlock, dict[str, th.Tensor]]], failures: list[str], stats_updates: int
