@@ -15,8 +15,9 @@ the -v4 robots: for HalfCheetah-v5 the peers run their HalfCheetah-v4 entry (cop
 
 Outputs in ``OUT``: ``runs/{algo}/{env}/seed{S}/`` (the zoo log folder, stdout and ``result.json`` with the
 command, exit code and wall time), ``evaluations.csv`` (every evaluation of every run), ``runs.csv``,
-``summary.md`` (per env: final-return IQM with 95% stratified-bootstrap CIs from rliable, mean +- std, env steps
-until the evaluation mean first reaches the threshold, wall time) and ``learning_curves.png``.
+``summary.md`` (per env: final return -- the mean evaluation return over the last 10% of the budget -- as IQM
+with 95% stratified-bootstrap CIs from rliable, mean +- std, env steps until the evaluation mean first reaches the
+threshold, wall time) and ``learning_curves.png``.
 Finished runs are skipped, so an interrupted benchmark resumes where it stopped.
 
 Full mode on 2 cores with --jobs 2 and seeds 0 1 2: about 2.5 hours (HalfCheetah-v5 is about 60% of it).
@@ -97,7 +98,9 @@ def peer_conf_file(algo: Algo, envs: list[str], out: Path) -> Path | None:
         print(f"{algo.label}: {env} runs rl-zoo3's {versions[0]} entry")
     path = out / "hyperparams" / f"{algo.zoo_name}.yml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"# Copied from {shipped} (rl-zoo3 {rl_zoo3.__version__}) for {', '.join(envs)}\n" + yaml.dump(copied))
+    path.write_text(
+        f"# Copied from {shipped} (rl-zoo3 {rl_zoo3.__version__}) for {', '.join(envs)}\n" + yaml.dump(copied)
+    )
     return path
 
 
@@ -105,8 +108,12 @@ def run_dir(out: Path, algo: str, env: str, seed: int) -> Path:
     return out / "runs" / algo / env / f"seed{seed}"
 
 
-def train_command(algo: Algo, env: str, seed: int, setting: EnvSetting, quick: bool, folder: Path, conf: Path | None) -> list[str]:
-    budget, eval_freq = (setting.quick_budget, setting.quick_eval_freq) if quick else (setting.budget, setting.eval_freq)
+def train_command(
+    algo: Algo, env: str, seed: int, setting: EnvSetting, quick: bool, folder: Path, conf: Path | None
+) -> list[str]:
+    budget, eval_freq = (
+        (setting.quick_budget, setting.quick_eval_freq) if quick else (setting.budget, setting.eval_freq)
+    )
     command = [sys.executable, "-m", algo.module]
     command += ["train"] if algo.module == "sb3_trpo_kfac" else []
     command += ["--algo", algo.zoo_name, "--env", env, "--seed", str(seed), "-n", str(budget), "-f", str(folder)]
@@ -126,21 +133,31 @@ def train_one(command: list[str], folder: Path) -> dict[str, Any]:
         returncode = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, env=environment)
     result = {"command": command, "returncode": returncode, "wall_time_s": time.perf_counter() - start}
     (folder / "result.json").write_text(json.dumps(result, indent=1))
-    print(f"{'ok ' if returncode == 0 else 'FAILED'} {result['wall_time_s']:7.0f}s  {' '.join(command[3:12])}", flush=True)
+    print(
+        f"{'ok ' if returncode == 0 else 'FAILED'} {result['wall_time_s']:7.0f}s  {' '.join(command[3:12])}", flush=True
+    )
     return result
 
 
 def run_all(args: argparse.Namespace, out: Path) -> None:
-    peers = {name: peer_conf_file(ALGOS[name], args.envs, out) for name in args.algos if ALGOS[name].module != "sb3_trpo_kfac"}
+    peers = {
+        name: peer_conf_file(ALGOS[name], args.envs, out)
+        for name in args.algos
+        if ALGOS[name].module != "sb3_trpo_kfac"
+    }
     jobs = []
     # Longest envs first so the pool stays busy at the end.
     for env in sorted(args.envs, key=lambda env: -ENVS[env].budget):
         for seed in args.seeds:
             for name in args.algos:
                 folder = run_dir(out, name, env, seed)
-                if (folder / "result.json").exists() and json.loads((folder / "result.json").read_text())["returncode"] == 0:
+                if (folder / "result.json").exists() and json.loads((folder / "result.json").read_text())[
+                    "returncode"
+                ] == 0:
                     continue
-                jobs.append((train_command(ALGOS[name], env, seed, ENVS[env], args.quick, folder, peers.get(name)), folder))
+                jobs.append(
+                    (train_command(ALGOS[name], env, seed, ENVS[env], args.quick, folder, peers.get(name)), folder)
+                )
     print(f"{len(jobs)} runs to do, {args.jobs} at a time", flush=True)
     with ThreadPoolExecutor(args.jobs) as pool:
         results = list(pool.map(lambda job: train_one(*job), jobs))
@@ -166,6 +183,11 @@ def load_runs(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
     return runs
 
 
+def final_return(timesteps: np.ndarray, returns: np.ndarray) -> float:
+    """Mean evaluation return over the last 10% of the run (one evaluation alone is noisy)."""
+    return float(returns[timesteps >= 0.9 * timesteps[-1]].mean())
+
+
 def steps_to_threshold(timesteps: np.ndarray, mean_returns: np.ndarray, threshold: float) -> float:
     reached = np.flatnonzero(mean_returns >= threshold)
     return float(timesteps[reached[0]]) if reached.size else float("inf")
@@ -179,11 +201,21 @@ def write_tables(runs: list[dict[str, Any]], args: argparse.Namespace, out: Path
         csv.write("algo,env,seed,timesteps,mean_return,std_return,episodes\n")
         for run in runs:
             for step, returns in zip(run["timesteps"], run["returns"]):
-                csv.write(f"{run['algo']},{run['env']},{run['seed']},{step},{returns.mean():.3f},{returns.std():.3f},{returns.size}\n")
+                row = [
+                    run["algo"],
+                    run["env"],
+                    run["seed"],
+                    step,
+                    f"{returns.mean():.3f}",
+                    f"{returns.std():.3f}",
+                    returns.size,
+                ]
+                csv.write(",".join(map(str, row)) + "\n")
     with open(out / "runs.csv", "w") as csv:
         csv.write("algo,env,seed,final_return,steps_to_threshold,wall_time_s\n")
         for run in runs:
-            final, steps = run["returns"][-1].mean(), steps_to_threshold(run["timesteps"], run["returns"].mean(1), ENVS[run["env"]].threshold)
+            final = final_return(run["timesteps"], run["returns"])
+            steps = steps_to_threshold(run["timesteps"], run["returns"].mean(1), ENVS[run["env"]].threshold)
             csv.write(f"{run['algo']},{run['env']},{run['seed']},{final:.3f},{steps},{run['wall_time_s']:.1f}\n")
 
     lines = []
@@ -194,21 +226,31 @@ def write_tables(runs: list[dict[str, Any]], args: argparse.Namespace, out: Path
         env_runs = {name: found for name, found in env_runs.items() if found}
         if not env_runs:
             continue
-        # Final return: the mean over the last evaluation's episodes of each run; IQM over runs (seeds).
-        finals = {name: np.array([[run["returns"][-1].mean()] for run in found]) for name, found in env_runs.items()}
-        iqm, ci = rly.get_interval_estimates(finals, lambda scores: np.array([metrics.aggregate_iqm(scores)]), reps=2000)
-        lines += [f"### {env} ({budget:,} env steps, {setting.eval_episodes} deterministic evaluation episodes every "
-                  f"{setting.quick_eval_freq if args.quick else setting.eval_freq:,} steps)", ""]
-        lines += [f"| algorithm | runs | final return IQM [95% CI] | final mean +- std | steps to {setting.threshold:g}: median (reached) | wall time min (mean) |",
-                  "| --- | --- | --- | --- | --- | --- |"]
+        # Final return per run (seed), then the IQM over runs.
+        finals = {
+            name: np.array([[final_return(run["timesteps"], run["returns"])] for run in found])
+            for name, found in env_runs.items()
+        }
+        iqm, ci = rly.get_interval_estimates(
+            finals, lambda scores: np.array([metrics.aggregate_iqm(scores)]), reps=2000
+        )
+        lines += [
+            f"### {env} ({budget:,} env steps, {setting.eval_episodes} deterministic evaluation episodes every "
+            f"{setting.quick_eval_freq if args.quick else setting.eval_freq:,} steps)",
+            "",
+        ]
+        columns = ["algorithm", "runs", "final return IQM [95% CI]", "final mean +- std"]
+        columns += [f"steps to {setting.threshold:g}: median (reached)", "wall time min (mean)"]
+        lines += ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
         for name, found in env_runs.items():
             steps = [steps_to_threshold(run["timesteps"], run["returns"].mean(1), setting.threshold) for run in found]
             reached = sum(np.isfinite(steps))
             median = np.median(steps)
             median_text = f"{median:,.0f}" if np.isfinite(median) else f"> {budget:,}"
             score = finals[name][:, 0]
+            interval = f"{iqm[name][0]:.1f} [{ci[name][0, 0]:.1f}, {ci[name][1, 0]:.1f}]"
             lines.append(
-                f"| {ALGOS[name].label} | {len(found)} | {iqm[name][0]:.1f} [{ci[name][0, 0]:.1f}, {ci[name][1, 0]:.1f}] "
+                f"| {ALGOS[name].label} | {len(found)} | {interval} "
                 f"| {score.mean():.1f} +- {score.std():.1f} | {median_text} ({reached}/{len(found)}) "
                 f"| {np.mean([run['wall_time_s'] for run in found]) / 60:.1f} |"
             )
@@ -240,6 +282,10 @@ def plot_curves(runs: list[dict[str, Any]], args: argparse.Namespace, out: Path,
             steps = found[0]["timesteps"][:length]
             axis.plot(steps, curves.mean(0), label=f"{ALGOS[name].label} ({len(found)})")
             axis.fill_between(steps, low, high, alpha=0.2)
+        # early catastrophic evaluations (LunarLander's crashes) would squash the rest of the panel
+        means = np.concatenate([line.get_ydata() for line in axis.get_lines()])
+        low = min(np.percentile(means, 3), ENVS[env].threshold)
+        axis.set_ylim(bottom=low - 0.05 * (means.max() - low))
         axis.axhline(ENVS[env].threshold, color="grey", linestyle=":", linewidth=1)
         axis.set(title=env, xlabel="env steps", ylabel="evaluation return")
         axis.grid(alpha=0.3)
@@ -250,7 +296,9 @@ def plot_curves(runs: list[dict[str, Any]], args: argparse.Namespace, out: Path,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--envs", nargs="+", choices=list(ENVS), default=None, help="default: all (quick: CartPole, Pendulum)")
+    parser.add_argument(
+        "--envs", nargs="+", choices=list(ENVS), default=None, help="default: all (quick: CartPole, Pendulum)"
+    )
     parser.add_argument("--algos", nargs="+", choices=list(ALGOS), default=list(ALGOS))
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default: 0 1 2 (quick: 0 1)")
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel, one torch thread each")
@@ -261,7 +309,9 @@ def main() -> None:
     args.envs = args.envs or [env for env, setting in ENVS.items() if setting.quick_budget or not args.quick]
     args.seeds = args.seeds if args.seeds is not None else (QUICK_SEEDS if args.quick else [0, 1, 2])
     if args.quick and any(not ENVS[env].quick_budget for env in args.envs):
-        parser.error("--quick has budgets for: " + ", ".join(env for env, setting in ENVS.items() if setting.quick_budget))
+        parser.error(
+            "--quick has budgets for: " + ", ".join(env for env, setting in ENVS.items() if setting.quick_budget)
+        )
     out = args.out or Path(__file__).parent / "results" / ("quick" if args.quick else "full")
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -274,7 +324,9 @@ def main() -> None:
         raise SystemExit(f"no finished runs under {out}")
     print(write_tables(runs, args, out))
     plot_curves(runs, args, out)
-    print(f"wrote {out}/summary.md, learning_curves.png, evaluations.csv, runs.csv ({time.perf_counter() - start:.0f} s)")
+    print(
+        f"wrote {out}/summary.md, learning_curves.png, evaluations.csv, runs.csv ({time.perf_counter() - start:.0f} s)"
+    )
 
 
 if __name__ == "__main__":

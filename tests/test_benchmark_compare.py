@@ -42,7 +42,9 @@ def test_train_commands(compare, tmp_path):
     setting = compare.ENVS["CartPole-v1"]
     ours = compare.train_command(compare.ALGOS["trpo"], "CartPole-v1", 3, setting, False, tmp_path, None)
     assert ours[1:5] == ["-m", "sb3_trpo_kfac", "train", "--algo"] and "--conf-file" not in ours
-    peer = compare.train_command(compare.ALGOS["sb3-contrib-trpo"], "CartPole-v1", 3, setting, True, tmp_path, tmp_path / "c.yml")
+    peer = compare.train_command(
+        compare.ALGOS["sb3-contrib-trpo"], "CartPole-v1", 3, setting, True, tmp_path, tmp_path / "c.yml"
+    )
     assert peer[1:5] == ["-m", "rl_zoo3.train", "--algo", "trpo"]
     options = dict(zip(peer[5::2], peer[6::2]))
     assert options["-n"] == str(setting.quick_budget) and options["--eval-freq"] == str(setting.quick_eval_freq)
@@ -53,3 +55,9 @@ def test_steps_to_threshold(compare):
     steps = np.array([1000, 2000, 3000])
     assert compare.steps_to_threshold(steps, np.array([10.0, 480.0, 400.0]), 475.0) == 2000
     assert compare.steps_to_threshold(steps, np.array([10.0, 20.0, 30.0]), 475.0) == float("inf")
+
+
+def test_final_return_averages_the_last_tenth(compare):
+    steps = np.arange(1, 11) * 10_000  # evaluations at 10k ... 100k
+    returns = np.arange(10, dtype=float)[:, None] * np.ones((1, 3))
+    assert compare.final_return(steps, returns) == pytest.approx(8.5)  # the 90k and 100k evaluations
