@@ -66,8 +66,8 @@ class EnvSetting:
 
 
 ENVS = {
-    "CartPole-v1": EnvSetting(200_000, 5_000, 10, 475.0, quick_budget=30_000, quick_eval_freq=3_000),
-    "Pendulum-v1": EnvSetting(100_000, 5_000, 10, -200.0, quick_budget=20_000, quick_eval_freq=4_000),
+    "CartPole-v1": EnvSetting(200_000, 5_000, 10, 475.0, quick_budget=20_000, quick_eval_freq=2_000),
+    "Pendulum-v1": EnvSetting(100_000, 5_000, 10, -200.0, quick_budget=16_000, quick_eval_freq=4_000),
     "LunarLander-v3": EnvSetting(300_000, 10_000, 5, 200.0),
     "HalfCheetah-v5": EnvSetting(1_000_000, 50_000, 5, 3000.0),
 }
