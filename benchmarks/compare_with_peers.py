@@ -20,7 +20,8 @@ with 95% stratified-bootstrap CIs from rliable, mean +- std, env steps until the
 threshold, wall time) and ``learning_curves.png``.
 Finished runs are skipped, so an interrupted benchmark resumes where it stopped.
 
-Full mode on 2 cores with --jobs 2 and seeds 0 1 2: about 2.5 hours (HalfCheetah-v5 is about 60% of it).
+Full mode on a quiet 2-core machine with --jobs 2 and seeds 0 1 2: about 3.5 hours (HalfCheetah-v5 is about
+60% of it).
 """
 
 import argparse
@@ -289,7 +290,7 @@ def plot_curves(runs: list[dict[str, Any]], args: argparse.Namespace, out: Path,
         axis.axhline(ENVS[env].threshold, color="grey", linestyle=":", linewidth=1)
         axis.set(title=env, xlabel="env steps", ylabel="evaluation return")
         axis.grid(alpha=0.3)
-    axes[0][0].legend(fontsize="small")
+        axis.legend(fontsize="x-small")  # per panel: the runs (in brackets) differ between envs
     figure.tight_layout()
     figure.savefig(out / "learning_curves.png", dpi=110)
 
