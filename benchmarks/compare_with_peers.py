@@ -109,6 +109,13 @@ def run_dir(out: Path, algo: str, env: str, seed: int) -> Path:
     return out / "runs" / algo / env / f"seed{seed}"
 
 
+def finished(folder: Path) -> dict[str, Any] | None:
+    """The result.json of a run that ended successfully, else None."""
+    path = folder / "result.json"
+    result = json.loads(path.read_text()) if path.exists() else None
+    return result if result is not None and result["returncode"] == 0 else None
+
+
 def train_command(
     algo: Algo, env: str, seed: int, setting: EnvSetting, quick: bool, folder: Path, conf: Path | None
 ) -> list[str]:
@@ -134,9 +141,7 @@ def train_one(command: list[str], folder: Path) -> dict[str, Any]:
         returncode = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, env=environment)
     result = {"command": command, "returncode": returncode, "wall_time_s": time.perf_counter() - start}
     (folder / "result.json").write_text(json.dumps(result, indent=1))
-    print(
-        f"{'ok ' if returncode == 0 else 'FAILED'} {result['wall_time_s']:7.0f}s  {' '.join(command[3:12])}", flush=True
-    )
+    print(f"{'ok ' if returncode == 0 else 'FAILED'} {result['wall_time_s']:7.0f}s  {folder}", flush=True)
     return result
 
 
@@ -152,9 +157,7 @@ def run_all(args: argparse.Namespace, out: Path) -> None:
         for seed in args.seeds:
             for name in args.algos:
                 folder = run_dir(out, name, env, seed)
-                if (folder / "result.json").exists() and json.loads((folder / "result.json").read_text())[
-                    "returncode"
-                ] == 0:
+                if finished(folder):
                     continue
                 jobs.append(
                     (train_command(ALGOS[name], env, seed, ENVS[env], args.quick, folder, peers.get(name)), folder)
@@ -175,9 +178,9 @@ def load_runs(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
             for seed in args.seeds:
                 folder = run_dir(out, name, env, seed)
                 evaluations = sorted(folder.glob("**/evaluations.npz"))
-                if not (folder / "result.json").exists() or not evaluations:
+                result = finished(folder)
+                if result is None or not evaluations:
                     continue
-                result = json.loads((folder / "result.json").read_text())
                 with np.load(evaluations[-1]) as data:
                     timesteps, returns = data["timesteps"], data["results"]
                 runs.append(dict(algo=name, env=env, seed=seed, timesteps=timesteps, returns=returns, **result))

@@ -61,3 +61,11 @@ def test_final_return_averages_the_last_tenth(compare):
     steps = np.arange(1, 11) * 10_000  # evaluations at 10k ... 100k
     returns = np.arange(10, dtype=float)[:, None] * np.ones((1, 3))
     assert compare.final_return(steps, returns) == pytest.approx(8.5)  # the 90k and 100k evaluations
+
+
+def test_only_successful_runs_count_as_finished(compare, tmp_path):
+    assert compare.finished(tmp_path) is None  # never ran (or was interrupted before the end)
+    (tmp_path / "result.json").write_text('{"returncode": 1, "wall_time_s": 3.0}')
+    assert compare.finished(tmp_path) is None  # failed: run again, never reported
+    (tmp_path / "result.json").write_text('{"returncode": 0, "wall_time_s": 3.0}')
+    assert compare.finished(tmp_path)["wall_time_s"] == 3.0
