@@ -5,7 +5,7 @@ Side-by-side learning benchmark through the real zoo commands: our TRPO and ACKT
 deterministic evaluation (rl-zoo3's ``--eval-freq`` / ``evaluations.npz``).
 
     pip install -e ".[benchmarks]"
-    python benchmarks/compare_with_peers.py --quick                    # smoke check, < 10 min on 2 cores
+    python benchmarks/compare_with_peers.py --quick                    # smoke check: 5 min on 2 quiet cores
     python benchmarks/compare_with_peers.py --out benchmarks/results/full --seeds 0 1 2 --jobs 2
     python benchmarks/compare_with_peers.py --out benchmarks/results/full --report-only
 
