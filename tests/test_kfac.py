@@ -235,6 +235,16 @@ def test_statistics_leave_grad_untouched():
     assert model[2].weight.grad is not None
 
 
+def _regression_step(model: nn.Module, opt: KFAC, x: th.Tensor, y: th.Tensor) -> None:
+    """One K-FAC step on the MSE loss, statistics from the sampled unit-Gaussian Fisher loss of the output."""
+    with opt.collect():
+        out = model(x)
+    opt.update_statistics(((out - (out + th.randn_like(out)).detach()) ** 2).sum())
+    opt.zero_grad()
+    F.mse_loss(out, y).backward()
+    opt.step()
+
+
 def _train_steps(model: nn.Module, opt: KFAC, steps: int, seed: int) -> None:
     gen = th.Generator().manual_seed(seed)
     for _ in range(steps):
@@ -308,12 +318,7 @@ def test_conv_model_trains_and_grouped_conv_is_skipped():
     x, y = th.randn(32, 2, 8, 8), th.randn(32, 1)
     initial = F.mse_loss(model(x), y).item()
     for _ in range(30):
-        with opt.collect():
-            out = model(x)
-        opt.update_statistics(((out - (out + th.randn_like(out)).detach()) ** 2).sum())
-        opt.zero_grad()
-        F.mse_loss(out, y).backward()
-        opt.step()
+        _regression_step(model, opt, x, y)
     assert F.mse_loss(model(x), y).item() < 0.7 * initial
 
 
@@ -465,13 +470,7 @@ def test_float64_retry_when_float32_decomposition_fails(monkeypatch):
         return original(mat, *args, **kwargs)
 
     monkeypatch.setattr(th.linalg, "eigh", flaky_eigh)
-    x, y = th.randn(16, 3), th.randn(16, 2)
-    with opt.collect():
-        out = model(x)
-    opt.update_statistics(((out - (out + th.randn_like(out)).detach()) ** 2).sum())
-    opt.zero_grad()
-    F.mse_loss(out, y).backward()
-    opt.step()
+    _regression_step(model, opt, th.randn(16, 3), th.randn(16, 2))
     assert th.float64 in dtypes and opt.counters["decomposition_failures"] == 0
     assert opt.state[model[0].weight]["QA"].dtype == th.float32
     assert opt.counters["updates"] == 1
