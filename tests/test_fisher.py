@@ -6,7 +6,15 @@ import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.policies import ActorCriticPolicy
 
-from sb3_trpo_kfac.common.fisher import GaussNewtonFisher, detached_distribution, flat_concat, mean_kl
+from sb3_trpo_kfac.common.fisher import (
+    GaussNewtonFisher,
+    LinearLayerFisher,
+    detached_distribution,
+    flat_concat,
+    gauss_newton_fisher,
+    mean_kl,
+    record_linear_calls,
+)
 from sb3_trpo_kfac.common.policy_parameters import split_actor_critic_parameters
 
 OBSERVATION_SPACE = spaces.Box(-1.0, 1.0, shape=(3,), dtype=np.float32)
@@ -47,12 +55,16 @@ def dense_kl_hessian(policy: ActorCriticPolicy, observations: th.Tensor, params:
     distribution = policy.get_distribution(observations)
     kl = mean_kl(detached_distribution(distribution), distribution)
     grad = flat_concat(th.autograd.grad(kl, params, create_graph=True))
-    rows = [flat_concat(th.autograd.grad(g, params, retain_graph=True, allow_unused=True, materialize_grads=True)) for g in grad]
+    rows = [
+        flat_concat(th.autograd.grad(g, params, retain_graph=True, allow_unused=True, materialize_grads=True))
+        for g in grad
+    ]
     return th.stack(rows)
 
 
+@pytest.mark.parametrize("implementation", [GaussNewtonFisher, LinearLayerFisher])
 @pytest.mark.parametrize("name", sorted(ACTION_SPACES))
-def test_fisher_vector_product_matches_dense_fisher(name: str) -> None:
+def test_fisher_vector_product_matches_dense_fisher(name: str, implementation: type) -> None:
     action_space, kwargs = ACTION_SPACES[name]
     policy = make_policy(action_space, kwargs)
     observations = th.randn(7, 3, dtype=th.float64, generator=th.Generator().manual_seed(1))
@@ -62,7 +74,13 @@ def test_fisher_vector_product_matches_dense_fisher(name: str) -> None:
     assert critic and actor
 
     dense = dense_kl_hessian(policy, observations, actor)
-    fisher = GaussNewtonFisher(policy.get_distribution(observations), actor)
+    if implementation is GaussNewtonFisher:
+        fisher = GaussNewtonFisher(policy.get_distribution(observations), actor)
+    else:
+        with record_linear_calls(policy) as calls:
+            distribution = policy.get_distribution(observations)
+        fisher = gauss_newton_fisher(distribution, actor, linear_calls=calls)
+        assert isinstance(fisher, LinearLayerFisher)  # the MLP policies all take the Jacobian path
     n = dense.shape[0]
     products = th.stack([fisher(column) for column in th.eye(n, dtype=th.float64)], dim=1)
 
@@ -94,3 +112,54 @@ def test_split_ignores_names_and_finds_shared_layers() -> None:
     assert not any("value" in names[id(p)] for p in actor)
     assert {id(p) for p in actor}.isdisjoint({id(p) for p in critic})
     assert len(actor) + len(critic) == len(list(policy.parameters()))
+
+
+def _recorded_fisher(policy: th.nn.Module, observations: th.Tensor, actor: list, damping: float = 0.0):
+    with record_linear_calls(policy) as calls:
+        distribution = policy.get_distribution(observations)
+    return gauss_newton_fisher(distribution, actor, damping=damping, linear_calls=calls)
+
+
+def test_linear_layer_fisher_damping_and_shared_extractor() -> None:
+    # A shared extractor layer feeds both heads; frozen bias: a layer may hold only some of the parameters.
+    th.manual_seed(0)
+    policy = ActorCriticPolicy(
+        OBSERVATION_SPACE,
+        spaces.Box(-1.0, 1.0, shape=(2,), dtype=np.float32),
+        lambda _: 1e-3,
+        net_arch=[6],
+        share_features_extractor=True,
+    ).double()
+    policy.mlp_extractor.policy_net[0].bias.requires_grad_(False)
+    observations = th.randn(9, 3, dtype=th.float64)
+    actor, _ = split_actor_critic_parameters(policy, observations)
+    fisher = _recorded_fisher(policy, observations, actor, damping=0.3)
+    assert isinstance(fisher, LinearLayerFisher)
+    reference = GaussNewtonFisher(policy.get_distribution(observations), actor, damping=0.3)
+    for vector in th.randn(3, sum(p.numel() for p in actor), dtype=th.float64):
+        assert th.allclose(fisher(vector), reference(vector), rtol=1e-10, atol=1e-12)
+
+
+def test_gauss_newton_fisher_falls_back_where_the_jacobian_path_does_not_apply(monkeypatch: pytest.MonkeyPatch) -> None:
+    policy = make_policy(spaces.Discrete(3), {})
+    observations = th.randn(6, 3, dtype=th.float64)
+    actor, _ = split_actor_critic_parameters(policy, observations)
+    # Not recorded, or a layer called twice on the batch (the per-layer formula needs one call).
+    assert isinstance(gauss_newton_fisher(policy.get_distribution(observations), actor), GaussNewtonFisher)
+    with record_linear_calls(policy) as calls:
+        policy.get_distribution(observations)
+        distribution = policy.get_distribution(observations)
+    assert isinstance(gauss_newton_fisher(distribution, actor, linear_calls=calls), GaussNewtonFisher)
+    # Too many parameters outside Linear layers, or too large a Jacobian for the contractions to pay off.
+    gaussian = make_policy(spaces.Box(-1.0, 1.0, shape=(2,), dtype=np.float32), {})
+    gaussian_actor, _ = split_actor_critic_parameters(gaussian, observations)
+    assert isinstance(_recorded_fisher(gaussian, observations, gaussian_actor), LinearLayerFisher)
+    monkeypatch.setattr("sb3_trpo_kfac.common.fisher.MAX_DIRECT_PARAMETERS", 1)  # log_std has 2
+    assert isinstance(_recorded_fisher(gaussian, observations, gaussian_actor), GaussNewtonFisher)
+    monkeypatch.setattr("sb3_trpo_kfac.common.fisher.MAX_JACOBIAN_ELEMENTS", 10)
+    assert isinstance(_recorded_fisher(policy, observations, actor), GaussNewtonFisher)
+    # A batch-mixing layer: nothing is recorded.
+    policy.mlp_extractor.policy_net.append(th.nn.BatchNorm1d(5).double())
+    with record_linear_calls(policy) as calls:
+        policy.get_distribution(observations)
+    assert calls == []

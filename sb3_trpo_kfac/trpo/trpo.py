@@ -15,7 +15,14 @@ from torch.nn import functional as F
 
 from sb3_trpo_kfac.common.conjugate_gradient import conjugate_gradient
 from sb3_trpo_kfac.common.kfac import KFAC
-from sb3_trpo_kfac.common.fisher import GaussNewtonFisher, detached_distribution, flat_concat, mean_kl, split_like
+from sb3_trpo_kfac.common.fisher import (
+    detached_distribution,
+    flat_concat,
+    gauss_newton_fisher,
+    mean_kl,
+    record_linear_calls,
+    split_like,
+)
 from sb3_trpo_kfac.common.policy_parameters import index_observations, split_actor_critic_parameters
 from sb3_trpo_kfac.common.validation import check_float, check_int, check_on_policy_arguments
 from sb3_trpo_kfac.trpo.policies import CnnPolicy, MlpPolicy, MultiInputPolicy
@@ -130,7 +137,12 @@ class TRPO(OnPolicyAlgorithm):
         self.cg_max_steps = check_int("cg_max_steps", cg_max_steps, minimum=1)
         self.cg_damping = check_float("cg_damping", cg_damping, low=0.0)
         self.line_search_shrinking_factor = check_float(
-            "line_search_shrinking_factor", line_search_shrinking_factor, 0.0, 1.0, low_inclusive=False, high_inclusive=False
+            "line_search_shrinking_factor",
+            line_search_shrinking_factor,
+            0.0,
+            1.0,
+            low_inclusive=False,
+            high_inclusive=False,
         )
         self.line_search_max_iter = check_int("line_search_max_iter", line_search_max_iter, minimum=1)
         self.n_critic_updates = check_int("n_critic_updates", n_critic_updates, minimum=0)
@@ -216,13 +228,17 @@ class TRPO(OnPolicyAlgorithm):
         """K-FAC over the actor's layers, holding only the statistics of the current batch."""
         if self._kfac is None:
             actor_ids = {id(p) for p in actor_params}
-            layers = [m for m in self.policy.modules() if isinstance(m, nn.Linear | nn.Conv2d) and id(m.weight) in actor_ids]
+            layers = [
+                m for m in self.policy.modules() if isinstance(m, nn.Linear | nn.Conv2d) and id(m.weight) in actor_ids
+            ]
             self._kfac = KFAC(
                 self.policy, stats_decay=0.0, damping=max(self.cg_damping, 1e-8), modules=layers, params=actor_params
             )
         return self._kfac
 
-    def _policy_step(self, observations: PyTorchObs, actions: th.Tensor, old_log_prob: th.Tensor, advantages: th.Tensor) -> dict[str, float]:
+    def _policy_step(
+        self, observations: PyTorchObs, actions: th.Tensor, old_log_prob: th.Tensor, advantages: th.Tensor
+    ) -> dict[str, float]:
         """
         One natural-gradient step of the actor with backtracking line search.
 
@@ -233,7 +249,10 @@ class TRPO(OnPolicyAlgorithm):
             advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
 
         kfac = self._kfac_preconditioner(actor_params) if self.cg_preconditioner == "kfac" else None
-        with kfac.collect() if kfac is not None else contextlib.nullcontext():
+        with (
+            kfac.collect() if kfac is not None else contextlib.nullcontext(),
+            record_linear_calls(self.policy) as calls,
+        ):
             distribution = self.policy.get_distribution(observations)
         old_distribution = detached_distribution(distribution)
         log_prob = distribution.log_prob(actions)
@@ -263,10 +282,11 @@ class TRPO(OnPolicyAlgorithm):
         if self.fisher_subsample < 1.0:
             n_fisher = max(1, int(round(self.fisher_subsample * len(actions))))
             # Rollout batches come shuffled, so the first rows are a uniform subsample.
-            fisher_distribution = self.policy.get_distribution(index_observations(observations, slice(0, n_fisher)))
+            with record_linear_calls(self.policy) as calls:
+                fisher_distribution = self.policy.get_distribution(index_observations(observations, slice(0, n_fisher)))
         else:
             fisher_distribution = distribution
-        fisher = GaussNewtonFisher(fisher_distribution, actor_params, damping=self.cg_damping)
+        fisher = gauss_newton_fisher(fisher_distribution, actor_params, damping=self.cg_damping, linear_calls=calls)
 
         solve = conjugate_gradient(fisher, gradient, max_iter=self.cg_max_steps, preconditioner=preconditioner)
         stats["cg_residual"] = solve.relative_residual
