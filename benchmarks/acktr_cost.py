@@ -39,6 +39,8 @@ ACKTR_KWARGS: dict[str, dict[str, dict[str, Any]]] = {
         "fresh": dict(kfac_update=1, kfac_async=False),
         "fresh async": dict(kfac_update=1, kfac_async=True),
         "amortized": dict(kfac_update=10, kfac_stats_interval=4, kfac_async=False),
+        # the floor of fresh statistics: no decomposition after the first one
+        "statistics only": dict(kfac_update=10**9, kfac_async=False),
     },
     "cnn": {
         "amortized": dict(kfac_update=10, kfac_stats_interval=10, kfac_inverse="inverse", kfac_low_rank=128, kfac_async=False),
