@@ -194,6 +194,20 @@ def test_accepts_every_sb3_contrib_keyword_with_same_default() -> None:
         assert ours[name].default == parameter.default, name
 
 
+def test_critic_optimizer_matches_sb3_contrib_but_fused() -> None:
+    ours = TRPO("MlpPolicy", "CartPole-v1", n_steps=64, batch_size=32, learning_rate=3e-4)
+    theirs = ContribTRPO("MlpPolicy", "CartPole-v1", n_steps=64, batch_size=32, learning_rate=3e-4)
+    (our_group,), (their_group,) = ours.policy.optimizer.param_groups, theirs.policy.optimizer.param_groups
+    assert type(ours.policy.optimizer) is type(theirs.policy.optimizer) is th.optim.Adam
+    assert our_group["fused"] and not their_group["fused"]
+    for key in ("lr", "betas", "eps", "weight_decay", "amsgrad"):
+        assert our_group[key] == their_group[key], key
+    assert our_group["eps"] == 1e-5  # SB3's Adam default for policies
+    # A user's optimizer_kwargs are left as given.
+    custom = TRPO("MlpPolicy", "CartPole-v1", n_steps=64, policy_kwargs=dict(optimizer_kwargs=dict(eps=1e-3)))
+    assert custom.policy.optimizer.param_groups[0]["eps"] == 1e-3
+
+
 @pytest.mark.parametrize(
     "kwargs, error, name",
     [

@@ -186,7 +186,8 @@ class TRPO(OnPolicyAlgorithm):
         self.normalize_advantage = normalize_advantage
         if "optimizer_class" not in self.policy_kwargs and "optimizer_kwargs" not in self.policy_kwargs:
             # The critic takes hundreds of small Adam steps per update; the fused kernel is the same Adam, faster.
-            self.policy_kwargs["optimizer_kwargs"] = {"fused": True}
+            # eps: SB3's default for its policies' Adam, which passing any optimizer_kwargs would otherwise drop.
+            self.policy_kwargs["optimizer_kwargs"] = {"fused": True, "eps": 1e-5}
         if self.env is not None:
             buffer_size = self.env.num_envs * self.n_steps
             if normalize_advantage and buffer_size <= 1:
