@@ -17,6 +17,7 @@ from stable_baselines3.common.envs import (
 )
 from stable_baselines3.common.policies import ActorCriticPolicy
 
+import sb3_trpo_kfac.common.fisher as fisher_module
 from sb3_trpo_kfac import TRPO
 
 SMALL = dict(n_steps=64, batch_size=32, n_critic_updates=2, cg_max_steps=5, seed=0)
@@ -140,10 +141,19 @@ def test_shared_cnn_extractor_belongs_to_actor() -> None:
     assert extractor.isdisjoint({id(p) for p in model._critic_params})
 
 
-def test_fisher_subsample_and_sub_sampling_factor_run() -> None:
+def test_fisher_subsample_and_sub_sampling_factor_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The MLP actor's Fisher products take the per-sample Jacobian path, on the subsample (256 / 2 * 0.2 = 26 rows).
+    built = []
+    original = fisher_module.LinearLayerFisher.__init__
+    monkeypatch.setattr(
+        fisher_module.LinearLayerFisher,
+        "__init__",
+        lambda self, blocks, *args, **kwargs: built.append(len(blocks[0][0])) or original(self, blocks, *args, **kwargs),
+    )
     model = TRPO("MlpPolicy", "CartPole-v1", n_steps=256, fisher_subsample=0.2, sub_sampling_factor=2, seed=0)
     model.learn(total_timesteps=512)
     assert model.logger.name_to_value["train/is_line_search_success"] == 1.0
+    assert built == [26, 26]
 
 
 class PoisonAdvantages(BaseCallback):
