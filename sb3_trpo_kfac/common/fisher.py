@@ -20,8 +20,8 @@ Jᵀ u by one backward through the retained forward graph.
 When the policy's parameters sit in ``nn.Linear`` layers (plus a few direct parameters such as SB3's ``log_std``),
 ``LinearLayerFisher`` computes the same product without the autograd engine: a Linear layer s = a Wᵀ + b moves its
 output by a dWᵀ + db, so J v = Σ_l (∂z/∂s_l)(a_l dW_lᵀ + db_l), and the per-sample Jacobians ∂z/∂s_l come from one
-batched backward per update. Each product is then a handful of small matrix products instead of two graph traversals,
-which is where the time of a small network's Fisher product goes.
+batched backward per update. Each product is then a few tensor contractions instead of two graph traversals, whose
+fixed cost is most of the time of a small network's Fisher product.
 """
 
 import contextlib
@@ -272,15 +272,12 @@ class LinearLayerFisher:
         # coordinates need layer Jacobians.
         layer_nodes = {call.outputs.grad_fn for call, _, _ in layers}
         moved = [_depends_on(output, layer_nodes) for output, _ in blocks]
-        blocks = [block for block, is_moved in zip(blocks, moved) if is_moved] + [
-            block for block, is_moved in zip(blocks, moved) if not is_moved
-        ]
+        moved_blocks = [block for block, is_moved in zip(blocks, moved) if is_moved]
+        blocks = moved_blocks + [block for block, is_moved in zip(blocks, moved) if not is_moved]
         self.metrics = [metric for _, metric in blocks]
         self.shapes = [output.shape for output, _ in blocks]
         self.output_widths = [output[0].numel() for output, _ in blocks]
-        self.n_moved = sum(
-            width for width, is_moved in zip(self.output_widths, sorted(moved, reverse=True)) if is_moved
-        )
+        self.n_moved = sum(output[0].numel() for output, _ in moved_blocks)
         outputs = th.cat([output.reshape(n, -1) for output, _ in blocks], dim=1)
 
         # ∂z/∂s_l for every sample at once: one backward per moved coordinate z_k, batched (vmap) into one call.
