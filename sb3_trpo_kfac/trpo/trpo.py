@@ -58,7 +58,9 @@ class TRPO(OnPolicyAlgorithm):
     :param gamma: Discount factor
     :param cg_max_steps: maximum number of steps in the Conjugate Gradient algorithm
         for computing the natural gradient step
-    :param cg_damping: damping added to the Fisher-vector product (λ in (F + λI) s = g)
+    :param cg_damping: damping added to the Fisher-vector product (λ in (F + λI) s = g), F being the Fisher of the
+        KL summed over action dimensions (sb3-contrib damps the dimension-averaged F / d, so its direction on a
+        d-dimensional Gaussian action matches ours with d times its cg_damping)
     :param line_search_shrinking_factor: step-size reduction factor for the line-search
         (i.e., ``theta_new = theta + alpha^i * step``)
     :param line_search_max_iter: maximum number of iteration for the backtracking line-search
