@@ -254,7 +254,8 @@ class TRPO(OnPolicyAlgorithm):
         kfac = self._kfac_preconditioner(actor_params) if self.cg_preconditioner == "kfac" else None
         with (
             kfac.collect() if kfac is not None else contextlib.nullcontext(),
-            record_linear_calls(self.policy) as calls,
+            # the Fisher products use this forward only without a subsample
+            record_linear_calls(self.policy) if self.fisher_subsample == 1.0 else contextlib.nullcontext([]) as calls,
         ):
             distribution = self.policy.get_distribution(observations)
         old_distribution = detached_distribution(distribution)
