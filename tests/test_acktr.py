@@ -87,12 +87,13 @@ def _state_tensors(model: ACKTR) -> list[th.Tensor]:
     return [t for p in model.policy.parameters() for t in optimizer.state[p].values()]
 
 
-@pytest.mark.parametrize("kfac_async", [False, True])
-def test_save_load_learn_matches_uninterrupted(tmp_path, kfac_async):
+@pytest.mark.parametrize("kfac_async, vf_kfac_clip", [(False, None), (True, None), (False, 0.01)])
+def test_save_load_learn_matches_uninterrupted(tmp_path, kfac_async, vf_kfac_clip):
     def make_env():
         return make_vec_env("CartPole-v1", n_envs=2, seed=0)
 
-    kwargs = dict(n_steps=8, kfac_update=3, kfac_async=kfac_async, policy_kwargs=TINY, seed=0, device="cpu")
+    kwargs = dict(n_steps=8, kfac_update=3, kfac_async=kfac_async, vf_kfac_clip=vf_kfac_clip, policy_kwargs=TINY)
+    kwargs.update(seed=0, device="cpu")
     model = ACKTR("MlpPolicy", make_env(), **kwargs)
     model.learn(160)
     model.save(tmp_path / "acktr")
@@ -102,6 +103,9 @@ def test_save_load_learn_matches_uninterrupted(tmp_path, kfac_async):
     assert all(th.equal(a, b) for a, b in zip(_state_tensors(model), _state_tensors(loaded)))
     assert len(_state_tensors(loaded)) > 0
     assert loaded.kfac_async == kfac_async and loaded.policy.optimizer.async_decomposition == kfac_async
+    for ours, theirs in zip(loaded.policy.optimizer.param_groups, model.policy.optimizer.param_groups, strict=True):
+        assert {k: v for k, v in ours.items() if k != "params"} == {k: v for k, v in theirs.items() if k != "params"}
+        assert len(ours["params"]) == len(theirs["params"])
 
     # A fresh optimizer state for contrast: the continuation must depend on the carried K-FAC state.
     fresh = ACKTR.load(tmp_path / "acktr", env=make_env(), device="cpu")
@@ -113,6 +117,24 @@ def test_save_load_learn_matches_uninterrupted(tmp_path, kfac_async):
     for p, q, r in zip(model.policy.parameters(), loaded.policy.parameters(), fresh.policy.parameters()):
         assert th.equal(p, q)
     assert any(not th.equal(p, r) for p, r in zip(model.policy.parameters(), fresh.policy.parameters()))
+
+
+def test_vf_kfac_clip_gives_the_critic_its_own_trust_region():
+    model = ACKTR(
+        "MlpPolicy", IdentityEnvBox(eps=0.5), n_steps=8, kfac_clip=0.001, vf_kfac_clip=0.5, seed=0, device="cpu"
+    )
+    policy, optimizer = model.policy, model.policy.optimizer
+    actor, critic = optimizer.param_groups
+    critic_ids = {id(p) for p in [*policy.value_net.parameters(), *policy.mlp_extractor.value_net.parameters()]}
+    assert {id(p) for p in critic["params"]} == critic_ids
+    assert len(actor["params"]) + len(critic["params"]) == len(list(policy.parameters()))
+    assert (actor["kfac_clip"], critic["kfac_clip"]) == (0.001, 0.5)
+    model.learn(8 * 5)
+    logged = model.logger.name_to_value
+    assert logged["train/kfac_quadratic_kl"] <= 0.001 * (1 + 1e-6)
+    assert logged["train/vf_kfac_quadratic_kl"] <= 0.5 * (1 + 1e-6)
+    assert logged["train/vf_kfac_nu"] == optimizer.last_nu[1] and logged["train/kfac_nu"] == optimizer.last_nu[0]
+    assert optimizer.last_nu[0] < 1.0, "the actor's small radius should bind"
 
 
 def test_async_decomposition_is_deterministic_and_learns_like_sync_at_first():
@@ -160,6 +182,8 @@ def test_non_finite_loss_never_reaches_parameters():
         (dict(learning_rate=0.0), ValueError, "learning_rate"),
         (dict(n_steps=0), ValueError, "n_steps"),
         (dict(kfac_clip=0.0), ValueError, "kfac_clip"),
+        (dict(vf_kfac_clip=-0.1), ValueError, "vf_kfac_clip"),
+        (dict(vf_kfac_clip="0.1"), TypeError, "vf_kfac_clip"),
         (dict(damping=-1.0), ValueError, "damping"),
         (dict(momentum=1.0), ValueError, "momentum"),
         (dict(stats_decay=2.0), ValueError, "stats_decay"),

@@ -154,7 +154,7 @@ def test_preconditioned_gradient_matches_dense_solve(inverse):
     before = [_wbar(layer, layer.weight.detach(), layer.bias.detach()).clone() for layer in layers]
     scale_before = scale.detach().clone()
     opt.step()
-    assert opt.last_nu == 1.0
+    assert opt.last_nu == [1.0]
 
     for layer, grad, old in zip(layers, grads, before):
         a, g = opt.state[layer.weight]["A"], opt.state[layer.weight]["G"]
@@ -186,7 +186,7 @@ def test_step_quadratic_kl_within_clip(momentum):
     ((model(x) * log_std.exp()) ** 3).sum().backward()
     before = {p: p.detach().clone() for p in opt.param_groups[0]["params"]}
     opt.step()
-    assert 0 < opt.last_nu < 1, "the clip should be active with this radius"
+    assert 0 < opt.last_nu[0] < 1, "the clip should be active with this radius"
     deltas, factors = [], []
     for layer in (model[0], model[2]):
         deltas.append(_wbar(layer, layer.weight - before[layer.weight], layer.bias - before[layer.bias]).flatten())
@@ -198,6 +198,68 @@ def test_step_quadratic_kl_within_clip(momentum):
     # the step is lr (1 - m) ν V with lr² ν² Vᵀ F V = kfac_clip on the boundary
     assert quadratic <= kfac_clip * (1 + 1e-6)
     assert quadratic == pytest.approx(kfac_clip * (1 - momentum) ** 2, rel=1e-6)
+
+
+def test_each_parameter_group_is_its_own_trust_region():
+    model = _mlp()
+    first, second = model[0], model[2]
+    lr, damping, clips = 0.5, 0.01, (1e-3, 1e9)
+    opt = KFAC(
+        model,
+        lr=lr,
+        momentum=0.0,
+        damping=damping,
+        kfac_clip=clips[0],
+        params=[{"params": first.parameters()}, {"params": second.parameters(), "kfac_clip": clips[1]}],
+    )
+    assert [group["kfac_clip"] for group in opt.param_groups] == list(clips)
+    _fit_statistics(model, opt)
+    opt.zero_grad()
+    x = th.randn(16, 3, dtype=th.float64)
+    (model(x) ** 3).sum().backward()
+    grads = {layer: _wbar(layer, layer.weight.grad, layer.bias.grad) for layer in (first, second)}
+    before = {layer: _wbar(layer, layer.weight, layer.bias).detach().clone() for layer in (first, second)}
+    opt.step()
+    assert 0 < opt.last_nu[0] < 1 and opt.last_nu[1] == 1.0, "only the first group's radius should bind"
+    for index, layer in enumerate((first, second)):
+        state = opt.state[layer.weight]
+        fisher = _dense_kfac([(state["A"], state["G"])], damping)
+        natural = th.linalg.solve(fisher, grads[layer].flatten())
+        delta = (_wbar(layer, layer.weight, layer.bias).detach() - before[layer]).flatten()
+        # each group steps along its own natural gradient, scaled by its own ν
+        th.testing.assert_close(delta, -lr * opt.last_nu[index] * natural)
+        assert opt.last_vfv[index] == pytest.approx(lr**2 * float(grads[layer].flatten() @ natural), rel=1e-6)
+    assert opt.last_nu[0] ** 2 * opt.last_vfv[0] == pytest.approx(clips[0], rel=1e-6)  # on its boundary
+
+
+def test_parameter_groups_survive_state_dict():
+    model = _mlp()
+    groups = [{"params": model[0].parameters(), "kfac_clip": 0.01}, {"params": model[2].parameters(), "lr": 0.05}]
+    opt = KFAC(model, lr=0.1, params=groups)
+    _train_steps(model, opt, 2, seed=0)
+    other = _mlp()
+    restored = KFAC(other, params=[{"params": other[0].parameters()}, {"params": other[2].parameters()}])
+    restored.load_state_dict(opt.state_dict())
+    for group, expected in zip(restored.param_groups, opt.param_groups):
+        assert group["kfac_clip"] == expected["kfac_clip"] and group["lr"] == expected["lr"]
+
+
+@pytest.mark.parametrize(
+    "params, error, name",
+    [
+        (lambda m: [{"params": [m[0].weight]}, {"params": [m[0].bias, *m[2].parameters()]}], ValueError, "different"),
+        (lambda m: [{"params": m.parameters(), "weight_decay": 0.1}], ValueError, "weight_decay"),
+        (lambda m: [{"params": m.parameters()}, {"params": m[0].parameters()}], ValueError, "more than one group"),
+        (lambda m: [{"params": m.parameters(), "kfac_clip": 0.0}], ValueError, "kfac_clip"),
+        (lambda m: [{"params": m.parameters(), "momentum": 1.0}], ValueError, "momentum"),
+        (lambda m: [{"params": m.parameters(), "lr": "0.1"}], TypeError, "lr"),
+        (lambda m: [{"params": m[0].parameters()}, m[2].weight], TypeError, "params"),
+    ],
+)
+def test_bad_parameter_groups(params, error, name):
+    model = _mlp()
+    with pytest.raises(error, match=name):
+        KFAC(model, params=params(model))
 
 
 def test_statistics_only_inside_collect_and_with_grad():

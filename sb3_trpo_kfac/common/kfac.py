@@ -24,6 +24,10 @@ Supervised use (any ``nn.Module``)::
 
 Parameters outside a block (normalisation layers, ``log_std``, embeddings, grouped convolutions) keep their
 raw gradient; they are counted in the trust region and scaled with the rest.
+
+Each parameter group is its own trust region, with its own ``lr``, ``momentum`` and ``kfac_clip``::
+
+    KFAC(model, params=[{"params": actor.parameters()}, {"params": critic.parameters(), "kfac_clip": 0.1}])
 """
 
 import contextlib
@@ -124,7 +128,9 @@ class KFAC(th.optim.Optimizer):
     Update, with ``∇`` the gradient in ``.grad`` (plus ``weight_decay * p``) and ``V`` its preconditioned version
     (``V = (A ⊗ G + damping)⁻¹ ∇`` per block, ``V = ∇`` for parameters outside blocks):
     ``ν = min(1, sqrt(kfac_clip / (lr² Σ⟨V, ∇⟩)))``, ``buf ← momentum * buf + ν V``,
-    ``p ← p − lr (1 − momentum) buf`` (the form of OpenAI baselines' ``KfacOptimizer``).
+    ``p ← p − lr (1 − momentum) buf`` (the form of OpenAI baselines' ``KfacOptimizer``). The sum, and so ν, is
+    taken per parameter group: one group (the default) is one trust region over all parameters; several groups
+    (e.g. an actor and a critic) each get their own ν, ``lr``, ``momentum`` and ``kfac_clip``.
 
     Statistics: call the model inside :meth:`collect`, then :meth:`update_statistics` with a sum-reduced
     *sampled* negative log-likelihood (the Fisher loss). Running averages of ``A`` and ``G`` are
@@ -160,7 +166,9 @@ class KFAC(th.optim.Optimizer):
         deterministic: the swap happens at a fixed point (the next :meth:`step`, :meth:`precondition` or
         :meth:`state_dict`); :meth:`load_state_dict` and :meth:`update_preconditioner` discard a pending job.
     :param modules: layers to cover (default: every ``nn.Linear`` / ``nn.Conv2d`` in ``model``)
-    :param params: parameters to optimize (default: all parameters of ``model`` that require grad)
+    :param params: parameters to optimize (default: all parameters of ``model`` that require grad), or
+        parameter groups (dicts with ``"params"`` and optionally ``"lr"``, ``"momentum"``, ``"kfac_clip"``), one
+        trust region each; a layer's weight and bias must share a group, ``weight_decay`` is common to all groups
     """
 
     def __init__(
@@ -193,7 +201,6 @@ class KFAC(th.optim.Optimizer):
         if self.stats_decay == 1.0:
             raise ValueError("`stats_decay` must be < 1, otherwise the statistics never change")
         self.damping = check_float("damping", damping, 0.0, low_inclusive=False)
-        self.kfac_clip = check_float("kfac_clip", kfac_clip, 0.0, low_inclusive=False)
         self.kfac_update = check_int("kfac_update", kfac_update, 1)
         self.cold_iter = check_int("cold_iter", cold_iter, 0)
         self.cold_max_grad_norm = check_float("cold_max_grad_norm", cold_max_grad_norm, 0.0, low_inclusive=False)
@@ -209,13 +216,20 @@ class KFAC(th.optim.Optimizer):
         # (future, stats_updates of its snapshot) of the background decomposition in flight
         self._pending: tuple[Future, int] | None = None
 
-        param_list = list(model.parameters() if params is None else params)
-        param_list = list({id(p): p for p in param_list if p.requires_grad}.values())
-        if not param_list:
-            raise ValueError("`params`: no parameter requires grad")
-        super().__init__(param_list, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+        self.kfac_clip = check_float("kfac_clip", kfac_clip, 0.0, low_inclusive=False)
+        groups = self._parameter_groups(model.parameters() if params is None else params)
+        super().__init__(groups, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, kfac_clip=self.kfac_clip))
 
-        self.blocks = self._make_blocks(model, modules, {id(p) for p in param_list})
+        group_of = {id(p): index for index, group in enumerate(self.param_groups) for p in group["params"]}
+        self.blocks = self._make_blocks(model, modules, set(group_of))
+        for block in self.blocks:
+            if (
+                block.bias is not None
+                and group_of.get(id(block.bias), group_of[id(block.weight)]) != group_of[id(block.weight)]
+            ):
+                raise ValueError(f"`params`: the weight and bias of {block.name} are in different parameter groups")
+        # the trust region (parameter group) each block's ⟨V, ∇⟩ counts in
+        self._block_group = {block: group_of[id(block.weight)] for block in self.blocks}
         self._collecting = False
         # per block: list of (input, output) pairs saved inside collect()
         self._saved: dict[KFACBlock, list[tuple[th.Tensor, th.Tensor]]] = {}
@@ -233,9 +247,39 @@ class KFAC(th.optim.Optimizer):
         # stacked solve factors of same-shape blocks, rebuilt after every curvature update
         self._batches: list[tuple[list[KFACBlock], tuple[th.Tensor, ...]]] | None = None
         self._unbatched: list[KFACBlock] = []
-        # diagnostics of the last step (for logging)
-        self.last_nu = float("nan")
-        self.last_vfv = float("nan")
+        # diagnostics of the last step, one entry per parameter group (for logging): trust-region scale ν and
+        # lr² Vᵀ F V of the unscaled step
+        self.last_nu = [float("nan")] * len(self.param_groups)
+        self.last_vfv = [float("nan")] * len(self.param_groups)
+
+    @staticmethod
+    def _parameter_groups(params: Iterable[Any]) -> list[dict[str, Any]]:
+        """The groups of ``params`` (parameters or dicts), keeping parameters that require grad, each once."""
+        items = list(params)
+        as_groups = [isinstance(item, dict) for item in items]
+        if any(as_groups) and not (all(as_groups) and all("params" in item for item in items)):
+            raise TypeError("`params` must be parameters or parameter groups (dicts with a 'params' entry), not a mix")
+        groups = [dict(item) for item in items] if any(as_groups) else [{"params": items}]
+        seen: set[int] = set()
+        for group in groups:
+            if "weight_decay" in group:
+                raise ValueError("`params`: weight_decay is common to all groups (it enters the blocks' damping)")
+            if "lr" in group:
+                check_float("params[...]['lr']", group["lr"], 0.0)
+            if "kfac_clip" in group:
+                check_float("params[...]['kfac_clip']", group["kfac_clip"], 0.0, low_inclusive=False)
+            if "momentum" in group:
+                check_float("params[...]['momentum']", group["momentum"], 0.0, 1.0, high_inclusive=False)
+            tensors = [group["params"]] if isinstance(group["params"], th.Tensor) else list(group["params"])
+            unique = list({id(p): p for p in tensors if p.requires_grad}.values())
+            if any(id(p) in seen for p in unique):
+                raise ValueError("`params`: a parameter appears in more than one group")
+            seen.update(id(p) for p in unique)
+            group["params"] = unique
+        groups = [group for group in groups if group["params"]]
+        if not groups:
+            raise ValueError("`params`: no parameter requires grad")
+        return groups
 
     # ------------------------------------------------------------------ blocks and hooks
     @staticmethod
@@ -643,11 +687,10 @@ class KFAC(th.optim.Optimizer):
         if closure is not None:
             with th.enable_grad():
                 loss = closure()
-        group = self.param_groups[0]
-        lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
         self.counters["steps"] += 1
-
-        params = [p for p in group["params"] if p.grad is not None]
+        weight_decay = self.param_groups[0]["weight_decay"]
+        group_params = [[p for p in group["params"] if p.grad is not None] for group in self.param_groups]
+        params = [p for ps in group_params for p in ps]
         if not params:
             return loss
         grad_list = [p.grad for p in params]
@@ -670,47 +713,54 @@ class KFAC(th.optim.Optimizer):
 
         cold = self.counters["updates"] < self.cold_iter
         directions = dict(grads)
+        # per group: Vᵀ∇ summed over its blocks, then over its raw (cold-start or outside-block, F = I) gradients
+        group_terms = th.zeros(len(self.param_groups), dtype=grad_list[0].dtype, device=grad_list[0].device)
         if cold:
             norm = th.linalg.vector_norm(th.stack(th._foreach_norm(grad_list)))
             clip = min(1.0, self.cold_max_grad_norm / (float(norm) + 1e-6))
             directions = {k: g * clip for k, g in grads.items()}
-            vfv_terms = [th.stack(th._foreach_norm(list(directions.values()))).square().sum()]
         else:
-            vfv_terms = self._precondition_gradients(grads, directions)
-            raw = [g for k, g in grads.items() if directions[k] is g]  # outside blocks: F = I
+            self._precondition_gradients(grads, directions, group_terms)
+        for index, ps in enumerate(group_params):
+            raw = [directions[id(p)] for p in ps if cold or directions[id(p)] is grads[id(p)]]
             if raw:
-                vfv_terms.append(th.stack(th._foreach_norm(raw)).square().sum())
+                group_terms[index] += th.stack(th._foreach_norm(raw)).square().sum()
 
-        # quadratic model of the KL of the step: lr² Vᵀ F V = lr² Vᵀ ∇ (V = F⁻¹ ∇)
-        vfv = lr**2 * float(th.stack(vfv_terms).sum())
-        nu = 1.0 if cold or not vfv > 0 else min(1.0, math.sqrt(self.kfac_clip / vfv))
-        self.last_vfv, self.last_nu = vfv, nu
-        if not (math.isfinite(vfv) and math.isfinite(nu)):
+        # quadratic model of the KL of the step: lr² Vᵀ F V = lr² Vᵀ ∇ (V = F⁻¹ ∇), one trust region per group
+        self.last_vfv, self.last_nu = [], []
+        for group, term in zip(self.param_groups, group_terms.tolist()):
+            vfv = group["lr"] ** 2 * term
+            self.last_vfv.append(vfv)
+            self.last_nu.append(1.0 if cold or not vfv > 0 else min(1.0, math.sqrt(group["kfac_clip"] / vfv)))
+        if not all(math.isfinite(x) for x in self.last_vfv + self.last_nu):
             self.counters["skipped_steps"] += 1
             return loss
 
-        buffers = []
-        for p in params:
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = th.zeros_like(p)
-            buffers.append(state["momentum_buffer"])
-        th._foreach_mul_(buffers, momentum)
-        th._foreach_add_(buffers, [directions[id(p)] for p in params], alpha=nu)
-        th._foreach_add_(params, buffers, alpha=-lr * (1.0 - momentum))
+        for group, ps, nu in zip(self.param_groups, group_params, self.last_nu):
+            if not ps:
+                continue
+            buffers = []
+            for p in ps:
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = th.zeros_like(p)
+                buffers.append(state["momentum_buffer"])
+            th._foreach_mul_(buffers, group["momentum"])
+            th._foreach_add_(buffers, [directions[id(p)] for p in ps], alpha=nu)
+            th._foreach_add_(ps, buffers, alpha=-group["lr"] * (1.0 - group["momentum"]))
         self.counters["updates"] += 1
         return loss
 
-    def _precondition_gradients(self, grads: dict[int, th.Tensor], directions: dict[int, th.Tensor]) -> list[th.Tensor]:
+    def _precondition_gradients(
+        self, grads: dict[int, th.Tensor], directions: dict[int, th.Tensor], group_terms: th.Tensor
+    ) -> None:
         """
         Replace the gradients of covered layers in ``directions`` by their K-FAC solves; same-shape blocks are
-        solved together (batched matmuls keep the per-step overhead small for small networks).
-
-        :return: the terms ⟨V, ∇⟩ of the solved blocks
+        solved together (batched matmuls keep the per-step overhead small for small networks). Adds the terms
+        ⟨V, ∇⟩ of the solved blocks to ``group_terms`` at their parameter group.
         """
         if self._batches is None:
             self._batches = self._make_batches()
-        terms = []
         for blocks, factors in self._batches:
             present = [b for b in blocks if id(b.weight) in grads or (b.bias is not None and id(b.bias) in grads)]
             if not present:
@@ -730,7 +780,8 @@ class KFAC(th.optim.Optimizer):
             else:
                 g_inv, a_inv = factors
                 solved = g_inv @ mats @ a_inv
-            terms.append((solved * mats).sum())
+            index = th.tensor([self._block_group[b] for b in present], device=group_terms.device)
+            group_terms.index_add_(0, index, (solved * mats).sum(dim=(1, 2)).to(group_terms.dtype))
             for block, mat in zip(present, solved.unbind(0)):
                 w_dir, b_dir = block.from_matrix(mat)
                 directions[id(block.weight)] = w_dir
@@ -743,12 +794,11 @@ class KFAC(th.optim.Optimizer):
             solved = self._solve(block, mat)
             if solved is None:
                 continue
-            terms.append((solved * mat).sum())
+            group_terms[self._block_group[block]] += (solved * mat).sum()
             w_dir, b_dir = block.from_matrix(solved)
             directions[id(block.weight)] = w_dir
             if block.bias is not None:
                 directions[id(block.bias)] = b_dir  # type: ignore[assignment]
-        return terms
 
     def _make_batches(self) -> list[tuple[list[KFACBlock], tuple[th.Tensor, ...]]]:
         """Group the full-rank blocks with curvature by matrix shape and stack their solve factors."""
@@ -791,6 +841,8 @@ class KFAC(th.optim.Optimizer):
         state_dict = dict(state_dict)
         counters = state_dict.pop("kfac_counters", None)
         super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            group.setdefault("kfac_clip", self.kfac_clip)  # saved before groups had their own radius
         self._batches = None
         if counters is not None:
             self.counters.update(counters)

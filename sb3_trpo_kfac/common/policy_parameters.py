@@ -1,7 +1,9 @@
 """Telling a policy's actor and critic parameters apart by what they influence, not by their names."""
 
 import torch as th
+from gymnasium import spaces
 from stable_baselines3.common.policies import ActorCriticPolicy
+from stable_baselines3.common.preprocessing import get_obs_shape
 from stable_baselines3.common.type_aliases import PyTorchObs
 from torch import nn
 
@@ -13,6 +15,14 @@ def index_observations(observations: PyTorchObs, index: slice | th.Tensor) -> Py
     if isinstance(observations, dict):
         return {key: value[index] for key, value in observations.items()}
     return observations[index]
+
+
+def zero_observations(observation_space: spaces.Space, n: int, device: th.device | str = "cpu") -> PyTorchObs:
+    """A batch of ``n`` all-zero observations as the rollout buffer stores them (for tracing a forward pass)."""
+    shape = get_obs_shape(observation_space)
+    if isinstance(shape, dict):
+        return {key: th.zeros((n, *sub_shape), device=device) for key, sub_shape in shape.items()}
+    return th.zeros((n, *shape), device=device)
 
 
 def split_actor_critic_parameters(

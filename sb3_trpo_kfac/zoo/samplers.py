@@ -90,6 +90,7 @@ def convert_acktr_params(sampled_params: dict[str, Any]) -> dict[str, Any]:
     :return: constructor keywords
     """
     hyperparams = _convert_common(sampled_params)
+    hyperparams.pop("trust_region", None)  # "separate" comes with a vf_kfac_clip
     if hyperparams.pop("lr_schedule", "constant") == "linear":
         hyperparams["learning_rate"] = f"lin_{hyperparams['learning_rate']}"
     return hyperparams
@@ -178,9 +179,10 @@ def sample_acktr_params(trial: optuna.Trial, n_actions: int, n_envs: int, additi
     """
     Sampler for ``sb3_trpo_kfac.ACKTR`` (rl-zoo3 signature).
 
-    Searches the step size and its schedule, the K-FAC trust region (``kfac_clip``), damping, statistics decay and
-    refresh period, the inverse mode, the loss weights (``vf_coef``, ``vf_fisher_coef``, ``ent_coef``), the rollout length, the
-    discounts, advantage normalization and the network.
+    Searches the step size and its schedule, the K-FAC trust region (``kfac_clip``, and whether the critic gets its
+    own, ``vf_kfac_clip``), damping, statistics decay and refresh period, the inverse mode, the loss weights
+    (``vf_coef``, ``vf_fisher_coef``, ``ent_coef``), the rollout length, the discounts, advantage normalization and
+    the network.
 
     :param trial: the Optuna trial
     :param n_actions: action dimension for continuous actions, 0 otherwise
@@ -197,6 +199,9 @@ def sample_acktr_params(trial: optuna.Trial, n_actions: int, n_envs: int, additi
     learning_rate = trial.suggest_float("learning_rate", 1e-3, 1.0, log=True)
     lr_schedule = trial.suggest_categorical("lr_schedule", ["constant", "linear"])
     kfac_clip = trial.suggest_float("kfac_clip", 1e-4, 0.1, log=True)
+    # One trust region for actor and critic (the paper), or one each (ACKTR's vf_kfac_clip).
+    trust_region = trial.suggest_categorical("trust_region", ["joint", "separate"])
+    vf_kfac_clip = trial.suggest_float("vf_kfac_clip", 1e-4, 1.0, log=True) if trust_region == "separate" else None
     damping = trial.suggest_float("damping", 1e-4, 0.1, log=True)
     stats_decay = trial.suggest_categorical("stats_decay", [0.9, 0.95, 0.99])
     kfac_update = trial.suggest_categorical("kfac_update", [1, 2, 5, 10])
@@ -216,6 +221,7 @@ def sample_acktr_params(trial: optuna.Trial, n_actions: int, n_envs: int, additi
         "learning_rate": learning_rate,
         "lr_schedule": lr_schedule,
         "kfac_clip": kfac_clip,
+        "trust_region": trust_region,
         "damping": damping,
         "stats_decay": stats_decay,
         "kfac_update": kfac_update,
@@ -228,6 +234,8 @@ def sample_acktr_params(trial: optuna.Trial, n_actions: int, n_envs: int, additi
         "net_arch": net_arch,
         "activation_fn": activation_fn,
     }
+    if vf_kfac_clip is not None:
+        sampled["vf_kfac_clip"] = vf_kfac_clip
     if n_actions > 0:
         sampled["log_std_init"] = trial.suggest_float("log_std_init", -3.0, 0.5)
 
