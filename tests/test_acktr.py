@@ -87,13 +87,15 @@ def _state_tensors(model: ACKTR) -> list[th.Tensor]:
     return [t for p in model.policy.parameters() for t in optimizer.state[p].values()]
 
 
-@pytest.mark.parametrize("kfac_async, vf_kfac_clip", [(False, None), (True, None), (False, 0.01)])
-def test_save_load_learn_matches_uninterrupted(tmp_path, kfac_async, vf_kfac_clip):
+@pytest.mark.parametrize(
+    "kfac_async, critic_kwargs", [(False, {}), (True, {}), (False, dict(vf_kfac_clip=0.01, n_critic_updates=3))]
+)
+def test_save_load_learn_matches_uninterrupted(tmp_path, kfac_async, critic_kwargs):
     def make_env():
         return make_vec_env("CartPole-v1", n_envs=2, seed=0)
 
-    kwargs = dict(n_steps=8, kfac_update=3, kfac_async=kfac_async, vf_kfac_clip=vf_kfac_clip, policy_kwargs=TINY)
-    kwargs.update(seed=0, device="cpu")
+    kwargs = dict(n_steps=8, kfac_update=3, kfac_async=kfac_async, policy_kwargs=TINY, seed=0, device="cpu")
+    kwargs.update(critic_kwargs)
     model = ACKTR("MlpPolicy", make_env(), **kwargs)
     model.learn(160)
     model.save(tmp_path / "acktr")
@@ -135,6 +137,26 @@ def test_vf_kfac_clip_gives_the_critic_its_own_trust_region():
     assert logged["train/vf_kfac_quadratic_kl"] <= 0.5 * (1 + 1e-6)
     assert logged["train/vf_kfac_nu"] == optimizer.last_nu[1] and logged["train/kfac_nu"] == optimizer.last_nu[0]
     assert optimizer.last_nu[0] < 1.0, "the actor's small radius should bind"
+
+
+def test_extra_critic_steps_fit_the_value_and_leave_the_actor():
+    def run(n_critic_updates: int) -> ACKTR:
+        env = make_vec_env("CartPole-v1", n_envs=2, seed=0)
+        model = ACKTR("MlpPolicy", env, n_steps=16, vf_kfac_clip=0.01, n_critic_updates=n_critic_updates, seed=0, device="cpu")
+        return model.learn(16 * 2)  # one update
+
+    def value_loss(model: ACKTR) -> float:
+        data = next(model.rollout_buffer.get(batch_size=None))
+        with th.no_grad():
+            return float(th.nn.functional.mse_loss(data.returns, model.policy.predict_values(data.observations).flatten()))
+
+    single, extra = run(1), run(6)
+    assert extra.policy.optimizer.counters["extra_steps"] == 5
+    assert extra.policy.optimizer.counters["steps"] == extra.policy.optimizer.counters["updates"] == 1
+    critic_ids = {id(p) for p in extra._critic_params}
+    for (name, p), q in zip(extra.policy.named_parameters(), single.policy.parameters()):
+        assert th.equal(p, q) != (id(p) in critic_ids), name  # only the critic moved further
+    assert value_loss(extra) < value_loss(single)
 
 
 def test_async_decomposition_is_deterministic_and_learns_like_sync_at_first():
@@ -183,6 +205,7 @@ def test_non_finite_loss_never_reaches_parameters():
         (dict(n_steps=0), ValueError, "n_steps"),
         (dict(kfac_clip=0.0), ValueError, "kfac_clip"),
         (dict(vf_kfac_clip=-0.1), ValueError, "vf_kfac_clip"),
+        (dict(n_critic_updates=0), ValueError, "n_critic_updates"),
         (dict(vf_kfac_clip="0.1"), TypeError, "vf_kfac_clip"),
         (dict(damping=-1.0), ValueError, "damping"),
         (dict(momentum=1.0), ValueError, "momentum"),

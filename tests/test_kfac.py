@@ -232,6 +232,24 @@ def test_each_parameter_group_is_its_own_trust_region():
     assert opt.last_nu[0] ** 2 * opt.last_vfv[0] == pytest.approx(clips[0], rel=1e-6)  # on its boundary
 
 
+def test_step_without_curvature_refresh_keeps_basis_and_schedule():
+    model = _mlp()
+    opt = KFAC(model, lr=0.1, kfac_update=1, cold_iter=2)
+    _train_steps(model, opt, 1, seed=0)
+    basis = opt.state[model[0].weight]["QA"].clone()
+    _fit_statistics(model, opt)  # new statistics: a normal step would decompose them
+    opt.zero_grad()
+    (model(th.randn(8, 3, dtype=th.float64)) ** 2).sum().backward()
+    before = model[0].weight.detach().clone()
+    opt.step(refresh_curvature=False)
+    assert not th.equal(model[0].weight, before)
+    assert th.equal(opt.state[model[0].weight]["QA"], basis)
+    counters = opt.counters
+    assert (counters["steps"], counters["updates"], counters["extra_steps"], counters["curvature_updates"]) == (1, 1, 1, 1)
+    opt.step()  # still the second cold-start step, and now the basis is refreshed
+    assert counters["curvature_updates"] == 2 and counters["updates"] == 2 and opt.last_nu == [1.0]
+
+
 def test_parameter_groups_survive_state_dict():
     model = _mlp()
     groups = [{"params": model[0].parameters(), "kfac_clip": 0.01}, {"params": model[2].parameters(), "lr": 0.05}]

@@ -199,6 +199,7 @@ def test_acktr_linear_schedule_round_trip():
             "kfac_clip": 0.001,
             "trust_region": "separate",
             "vf_kfac_clip": 0.1,
+            "n_critic_updates": 5,
             "damping": 0.01,
             "stats_decay": 0.99,
             "kfac_update": 2,
@@ -215,7 +216,7 @@ def test_acktr_linear_schedule_round_trip():
     kwargs = HYPERPARAMS_SAMPLER["acktr"](trial, 0, 4, {})
     assert isinstance(kwargs["learning_rate"], SimpleLinearSchedule)
     assert kwargs["learning_rate"](0.5) == pytest.approx(0.1)
-    assert kwargs["vf_kfac_clip"] == 0.1 and "trust_region" not in kwargs
+    assert kwargs["vf_kfac_clip"] == 0.1 and kwargs["n_critic_updates"] == 5 and "trust_region" not in kwargs
     assert kwargs["n_steps"] == 32 and kwargs["gamma"] == pytest.approx(0.99)
     assert kwargs["policy_kwargs"] == {"net_arch": dict(pi=[64, 64], vf=[64, 64]), "activation_fn": nn.Tanh}
     # What --trial-id feeds back into rl-zoo3's config parsing: its "lin_x" string convention.

@@ -6,8 +6,9 @@ from gymnasium import spaces
 from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.policies import ActorCriticCnnPolicy, ActorCriticPolicy, BasePolicy, MultiInputActorCriticPolicy
-from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
+from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, PyTorchObs, Schedule
 from stable_baselines3.common.utils import explained_variance
+from torch import nn
 from torch.nn import functional as F
 
 from sb3_trpo_kfac.common.kfac import INVERSE_MODES, KFAC
@@ -65,6 +66,10 @@ class ACKTR(OnPolicyAlgorithm):
         parameters, as in the ACKTR paper. OpenAI baselines' continuous-control ACKTR also trains its value
         function with a K-FAC optimizer of its own. Measured on HalfCheetah-v5 (``zoo_hyperparams/acktr.yml``):
         with one trust region the critic held 87-99% of ``Vᵀ∇`` over the first updates and the policy barely moved.
+    :param n_critic_updates: K-FAC steps on the value loss per rollout: ACKTR's joint step, then
+        ``n_critic_updates - 1`` steps of the critic-only parameters on the same batch and K-FAC statistics (best
+        with ``vf_kfac_clip``). 1 (default): the paper's single joint step. OpenAI baselines' continuous-control ACKTR
+        fits its value function with 25 K-FAC steps per batch.
     :param damping: Tikhonov damping added to the Kronecker-factored Fisher
     :param momentum: Momentum of the K-FAC update (the step is η (1 − momentum) times the momentum buffer)
     :param stats_decay: Running-average factor of the Kronecker factors
@@ -124,6 +129,7 @@ class ACKTR(OnPolicyAlgorithm):
         normalize_advantage: bool = False,
         kfac_clip: float = 0.001,
         vf_kfac_clip: float | None = None,
+        n_critic_updates: int = 1,
         damping: float = 0.01,
         momentum: float = 0.9,
         stats_decay: float = 0.99,
@@ -156,6 +162,7 @@ class ACKTR(OnPolicyAlgorithm):
         self.vf_kfac_clip = (
             None if vf_kfac_clip is None else check_float("vf_kfac_clip", vf_kfac_clip, 0.0, low_inclusive=False)
         )
+        self.n_critic_updates = check_int("n_critic_updates", n_critic_updates, 1)
         self.damping = check_float("damping", damping, 0.0, low_inclusive=False)
         self.momentum = check_float("momentum", momentum, 0.0, 1.0)
         if self.momentum == 1.0:
@@ -212,17 +219,19 @@ class ACKTR(OnPolicyAlgorithm):
     def _setup_model(self) -> None:
         super()._setup_model()
         params = None
-        if self.vf_kfac_clip is not None:
-            _, critic = split_actor_critic_parameters(
+        # parameters only the value depends on: own trust region (vf_kfac_clip) and extra steps (n_critic_updates)
+        self._critic_params: list[nn.Parameter] = []
+        if self.vf_kfac_clip is not None or self.n_critic_updates > 1:
+            _, self._critic_params = split_actor_critic_parameters(
                 self.policy, zero_observations(self.observation_space, 2, self.device)
             )
-            if not critic:
-                raise ValueError(
-                    "`vf_kfac_clip` needs critic-only parameters, but the policy's value shares all its layers"
-                )
-            critic_ids = {id(p) for p in critic}
+            if not self._critic_params:
+                name = "vf_kfac_clip" if self.vf_kfac_clip is not None else "n_critic_updates"
+                raise ValueError(f"`{name}` needs critic-only parameters, but the policy's value shares all its layers")
+        if self.vf_kfac_clip is not None:
+            critic_ids = {id(p) for p in self._critic_params}
             actor = [p for p in self.policy.parameters() if p.requires_grad and id(p) not in critic_ids]
-            params = [{"params": actor}, {"params": critic, "kfac_clip": self.vf_kfac_clip}]
+            params = [{"params": actor}, {"params": self._critic_params, "kfac_clip": self.vf_kfac_clip}]
         # K-FAC replaces the policy's optimizer, so SB3's save/load ("policy.optimizer") carries its state.
         self.policy.optimizer = KFAC(
             self.policy,
@@ -286,6 +295,7 @@ class ACKTR(OnPolicyAlgorithm):
             loss.backward()
             th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
             optimizer.step()
+            self._fit_critic(rollout_data.observations, rollout_data.returns)
 
         explained_var = explained_variance(self.rollout_buffer.values.flatten(), self.rollout_buffer.returns.flatten())
 
@@ -304,6 +314,22 @@ class ACKTR(OnPolicyAlgorithm):
         self.logger.record("train/kfac_skipped_steps", optimizer.counters["skipped_steps"])
         if hasattr(self.policy, "log_std"):
             self.logger.record("train/std", th.exp(self.policy.log_std).mean().item())
+
+    def _fit_critic(self, observations: PyTorchObs, returns: th.Tensor) -> None:
+        """The ``n_critic_updates - 1`` extra K-FAC steps of the critic-only parameters on the value loss."""
+        optimizer: KFAC = self.policy.optimizer  # type: ignore[assignment]
+        for _ in range(self.n_critic_updates - 1):
+            value_loss = F.mse_loss(returns, self.policy.predict_values(observations).flatten())
+            grads = th.autograd.grad(self.vf_coef * value_loss, self._critic_params)
+            optimizer.zero_grad()  # the actor has no gradient, so these steps leave it as it is
+            for param, grad in zip(self._critic_params, grads, strict=True):
+                param.grad = grad
+            th.nn.utils.clip_grad_norm_(self._critic_params, self.max_grad_norm)
+            optimizer.step(refresh_curvature=False)
+
+    def _excluded_save_params(self) -> list[str]:
+        # The parameter list points into the live policy; it is rebuilt after loading.
+        return [*super()._excluded_save_params(), "_critic_params"]
 
     def learn(
         self: SelfACKTR,

@@ -235,8 +235,9 @@ class KFAC(th.optim.Optimizer):
         self._saved: dict[KFACBlock, list[tuple[th.Tensor, th.Tensor]]] = {}
         self._hooks = [block.module.register_forward_hook(self._make_hook(block)) for block in self.blocks]
         self.counters: dict[str, int] = dict(
-            steps=0,  # calls of step()
-            updates=0,  # steps that changed the parameters
+            steps=0,  # calls of step(), except those with refresh_curvature=False (extra_steps)
+            extra_steps=0,  # calls of step(refresh_curvature=False)
+            updates=0,  # steps that changed the parameters (extra steps not counted)
             skipped_steps=0,  # steps refused because of a non-finite gradient or trust-region scale
             stats_updates=0,  # successful update_statistics() calls
             skipped_stats=0,  # statistics refused because they were not finite
@@ -673,7 +674,9 @@ class KFAC(th.optim.Optimizer):
 
     # ------------------------------------------------------------------ step
     @th.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+    def step(  # type: ignore[override]
+        self, closure: Callable[[], float] | None = None, refresh_curvature: bool = True
+    ) -> float | None:
         """
         One K-FAC (or cold-start) step from the gradients in ``.grad``.
 
@@ -681,13 +684,16 @@ class KFAC(th.optim.Optimizer):
         ``counters["skipped_steps"]``).
 
         :param closure: optional closure re-evaluating the loss (and its gradients)
+        :param refresh_curvature: False for a further step on the statistics of the previous one (e.g. ACKTR's
+            extra critic steps): it keeps the current eigenbasis (a background decomposition stays in flight) and
+            counts neither toward ``kfac_update`` nor toward ``cold_iter`` (``counters["extra_steps"]``)
         :return: the closure's loss, if any
         """
         loss = None
         if closure is not None:
             with th.enable_grad():
                 loss = closure()
-        self.counters["steps"] += 1
+        self.counters["steps" if refresh_curvature else "extra_steps"] += 1
         weight_decay = self.param_groups[0]["weight_decay"]
         group_params = [[p for p in group["params"] if p.grad is not None] for group in self.param_groups]
         params = [p for ps in group_params for p in ps]
@@ -698,12 +704,12 @@ class KFAC(th.optim.Optimizer):
             grad_list = th._foreach_add(grad_list, params, alpha=weight_decay)
         grads = {id(p): g for p, g in zip(params, grad_list)}
 
-        if self.async_decomposition:
+        if self.async_decomposition and refresh_curvature:
             self._join_pending()  # the decomposition started at the previous step, one update old
         new_stats = self.counters["stats_updates"] > self.counters["stats_at_curvature"]
         first = self.counters["curvature_updates"] == 0
         due = first or self.counters["steps"] % self.kfac_update == 0
-        if new_stats and due:
+        if refresh_curvature and new_stats and due:
             if self.async_decomposition and not first:
                 # decomposed in the background while the caller does other work (e.g. the next rollout);
                 # this step keeps the current basis, the next one swaps the new basis in
@@ -748,7 +754,8 @@ class KFAC(th.optim.Optimizer):
             th._foreach_mul_(buffers, group["momentum"])
             th._foreach_add_(buffers, [directions[id(p)] for p in ps], alpha=nu)
             th._foreach_add_(ps, buffers, alpha=-group["lr"] * (1.0 - group["momentum"]))
-        self.counters["updates"] += 1
+        if refresh_curvature:
+            self.counters["updates"] += 1
         return loss
 
     def _precondition_gradients(

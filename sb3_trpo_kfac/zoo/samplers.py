@@ -180,7 +180,7 @@ def sample_acktr_params(trial: optuna.Trial, n_actions: int, n_envs: int, additi
     Sampler for ``sb3_trpo_kfac.ACKTR`` (rl-zoo3 signature).
 
     Searches the step size and its schedule, the K-FAC trust region (``kfac_clip``, and whether the critic gets its
-    own, ``vf_kfac_clip``), damping, statistics decay and refresh period, the inverse mode, the loss weights
+    own, ``vf_kfac_clip``), extra critic steps (``n_critic_updates``), damping, statistics decay and refresh period, the inverse mode, the loss weights
     (``vf_coef``, ``vf_fisher_coef``, ``ent_coef``), the rollout length, the discounts, advantage normalization and
     the network.
 
@@ -202,6 +202,7 @@ def sample_acktr_params(trial: optuna.Trial, n_actions: int, n_envs: int, additi
     # One trust region for actor and critic (the paper), or one each (ACKTR's vf_kfac_clip).
     trust_region = trial.suggest_categorical("trust_region", ["joint", "separate"])
     vf_kfac_clip = trial.suggest_float("vf_kfac_clip", 1e-4, 1.0, log=True) if trust_region == "separate" else None
+    n_critic_updates = trial.suggest_categorical("n_critic_updates", [1, 5, 10, 25])
     damping = trial.suggest_float("damping", 1e-4, 0.1, log=True)
     stats_decay = trial.suggest_categorical("stats_decay", [0.9, 0.95, 0.99])
     kfac_update = trial.suggest_categorical("kfac_update", [1, 2, 5, 10])
@@ -222,6 +223,7 @@ def sample_acktr_params(trial: optuna.Trial, n_actions: int, n_envs: int, additi
         "lr_schedule": lr_schedule,
         "kfac_clip": kfac_clip,
         "trust_region": trust_region,
+        "n_critic_updates": n_critic_updates,
         "damping": damping,
         "stats_decay": stats_decay,
         "kfac_update": kfac_update,
