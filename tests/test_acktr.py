@@ -152,6 +152,7 @@ def test_extra_critic_steps_fit_the_value_and_leave_the_actor():
 
     single, extra = run(1), run(6)
     assert extra.policy.optimizer.counters["extra_steps"] == 5
+    assert extra.logger.name_to_value["train/kfac_nu"] < 1.0, "the joint step's ν, not that of a critic-only step"
     assert extra.policy.optimizer.counters["steps"] == extra.policy.optimizer.counters["updates"] == 1
     critic_ids = {id(p) for p in extra._critic_params}
     for (name, p), q in zip(extra.policy.named_parameters(), single.policy.parameters()):

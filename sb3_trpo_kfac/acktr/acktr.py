@@ -295,6 +295,7 @@ class ACKTR(OnPolicyAlgorithm):
             loss.backward()
             th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
             optimizer.step()
+            nus, vfvs = optimizer.last_nu, optimizer.last_vfv  # of the joint step, for the logs
             self._fit_critic(rollout_data.observations, rollout_data.returns)
 
         explained_var = explained_variance(self.rollout_buffer.values.flatten(), self.rollout_buffer.returns.flatten())
@@ -306,11 +307,11 @@ class ACKTR(OnPolicyAlgorithm):
         self.logger.record("train/policy_loss", policy_loss.item())
         self.logger.record("train/value_loss", value_loss.item())
         # ν: trust-region scale of the step; quadratic KL: lr² ν² Vᵀ F V of the step, at most kfac_clip
-        self.logger.record("train/kfac_nu", optimizer.last_nu[0])
-        self.logger.record("train/kfac_quadratic_kl", optimizer.last_nu[0] ** 2 * optimizer.last_vfv[0])
-        if len(optimizer.last_nu) == 2:  # the critic's own trust region (vf_kfac_clip)
-            self.logger.record("train/vf_kfac_nu", optimizer.last_nu[1])
-            self.logger.record("train/vf_kfac_quadratic_kl", optimizer.last_nu[1] ** 2 * optimizer.last_vfv[1])
+        self.logger.record("train/kfac_nu", nus[0])
+        self.logger.record("train/kfac_quadratic_kl", nus[0] ** 2 * vfvs[0])
+        if len(nus) == 2:  # the critic's own trust region (vf_kfac_clip)
+            self.logger.record("train/vf_kfac_nu", nus[1])
+            self.logger.record("train/vf_kfac_quadratic_kl", nus[1] ** 2 * vfvs[1])
         self.logger.record("train/kfac_skipped_steps", optimizer.counters["skipped_steps"])
         if hasattr(self.policy, "log_std"):
             self.logger.record("train/std", th.exp(self.policy.log_std).mean().item())
