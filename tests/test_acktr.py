@@ -56,6 +56,22 @@ def test_cnn_policy_shared_and_separate_extractors(share):
     assert all("QA" in optimizer.state[block.weight] for block in optimizer.blocks)
 
 
+@pytest.mark.parametrize("share", [True, False])
+def test_critic_trust_region_with_cnn_extractors(share):
+    env = FakeImageEnv(screen_height=36, screen_width=36, n_channels=1, discrete=True)
+    policy_kwargs = dict(share_features_extractor=share, features_extractor_kwargs=dict(features_dim=16), net_arch=[])
+    model = ACKTR("CnnPolicy", env, n_steps=4, vf_kfac_clip=0.1, n_critic_updates=3, policy_kwargs=policy_kwargs, seed=0, device="cpu")
+    policy = model.policy
+    critic = [*policy.value_net.parameters(), *([] if share else policy.vf_features_extractor.parameters())]
+    # a shared extractor belongs to the actor's trust region; a separate one to the critic's
+    assert {id(p) for p in model.policy.optimizer.param_groups[1]["params"]} == {id(p) for p in critic}
+    shared_before = [p.detach().clone() for p in policy.pi_features_extractor.parameters()]
+    model.learn(4)
+    assert model.policy.optimizer.counters["extra_steps"] == 2
+    assert all(th.isfinite(p).all() for p in policy.parameters())
+    assert any(not th.equal(p, q) for p, q in zip(shared_before, policy.pi_features_extractor.parameters()))
+
+
 def test_multi_input_policy():
     # the image key goes through a NatureCNN whose 1025-dim input factor uses the low-rank solve
     policy_kwargs = dict(TINY, features_extractor_kwargs=dict(cnn_output_dim=8))
