@@ -180,9 +180,9 @@ def sample_acktr_params(trial: optuna.Trial, n_actions: int, n_envs: int, additi
     Sampler for ``sb3_trpo_kfac.ACKTR`` (rl-zoo3 signature).
 
     Searches the step size and its schedule, the K-FAC trust region (``kfac_clip``, and whether the critic gets its
-    own, ``vf_kfac_clip``), extra critic steps (``n_critic_updates``), damping, statistics decay and refresh period, the inverse mode, the loss weights
-    (``vf_coef``, ``vf_fisher_coef``, ``ent_coef``), the rollout length, the discounts, advantage normalization and
-    the network.
+    own, ``vf_kfac_clip``), extra critic steps (``n_critic_updates``), damping, statistics decay and refresh period,
+    the inverse mode, the loss weights (``vf_coef``, ``vf_fisher_coef``, ``ent_coef``), the rollout length, the
+    discounts, advantage normalization and the network.
 
     :param trial: the Optuna trial
     :param n_actions: action dimension for continuous actions, 0 otherwise
