@@ -260,6 +260,12 @@ def test_parameter_groups_survive_state_dict():
     restored.load_state_dict(opt.state_dict())
     for group, expected in zip(restored.param_groups, opt.param_groups):
         assert group["kfac_clip"] == expected["kfac_clip"] and group["lr"] == expected["lr"]
+    # state saved before groups had their own radius: every group gets the optimizer's kfac_clip
+    legacy = opt.state_dict()
+    for group in legacy["param_groups"]:
+        del group["kfac_clip"]
+    restored.load_state_dict(legacy)
+    assert [group["kfac_clip"] for group in restored.param_groups] == [restored.kfac_clip] * 2
 
 
 @pytest.mark.parametrize(
