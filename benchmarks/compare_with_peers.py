@@ -132,6 +132,9 @@ def train_command(
 
 def train_one(command: list[str], folder: Path) -> dict[str, Any]:
     """Run one zoo command in a fresh log folder; returns what result.json holds."""
+    done = finished(folder)
+    if done is not None:  # by another invocation since this one listed its jobs
+        return done
     if folder.exists():
         shutil.rmtree(folder)  # an interrupted run: start over
     folder.mkdir(parents=True)
