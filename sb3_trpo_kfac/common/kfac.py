@@ -246,7 +246,8 @@ class KFAC(th.optim.Optimizer):
             decomposition_failures=0,  # factors whose decomposition failed (previous one kept)
         )
         # stacked solve factors of same-shape blocks, rebuilt after every curvature update
-        self._batches: list[tuple[list[KFACBlock], tuple[th.Tensor, ...]]] | None = None
+        # (blocks, their stacked solve factors, their parameter groups)
+        self._batches: list[tuple[list[KFACBlock], tuple[th.Tensor, ...], th.Tensor]] | None = None
         self._unbatched: list[KFACBlock] = []
         # diagnostics of the last step, one entry per parameter group (for logging): trust-region scale ν and
         # lr² Vᵀ F V of the unscaled step
@@ -768,13 +769,14 @@ class KFAC(th.optim.Optimizer):
         """
         if self._batches is None:
             self._batches = self._make_batches()
-        for blocks, factors in self._batches:
+        for blocks, factors, block_groups in self._batches:
             present = [b for b in blocks if id(b.weight) in grads or (b.bias is not None and id(b.bias) in grads)]
             if not present:
                 continue
             if len(present) < len(blocks):
                 index = [blocks.index(b) for b in present]
                 factors = tuple(f[index] for f in factors)
+                block_groups = block_groups[index]
             mats = th.stack(
                 [
                     b.to_matrix(grads.get(id(b.weight)), grads.get(id(b.bias)) if b.bias is not None else None)
@@ -787,8 +789,7 @@ class KFAC(th.optim.Optimizer):
             else:
                 g_inv, a_inv = factors
                 solved = g_inv @ mats @ a_inv
-            index = th.tensor([self._block_group[b] for b in present], device=group_terms.device)
-            group_terms.index_add_(0, index, (solved * mats).sum(dim=(1, 2)).to(group_terms.dtype))
+            group_terms.index_add_(0, block_groups, (solved * mats).sum(dim=(1, 2)).to(group_terms.dtype))
             for block, mat in zip(present, solved.unbind(0)):
                 w_dir, b_dir = block.from_matrix(mat)
                 directions[id(block.weight)] = w_dir
@@ -807,7 +808,7 @@ class KFAC(th.optim.Optimizer):
             if block.bias is not None:
                 directions[id(block.bias)] = b_dir  # type: ignore[assignment]
 
-    def _make_batches(self) -> list[tuple[list[KFACBlock], tuple[th.Tensor, ...]]]:
+    def _make_batches(self) -> list[tuple[list[KFACBlock], tuple[th.Tensor, ...], th.Tensor]]:
         """Group the full-rank blocks with curvature by matrix shape and stack their solve factors."""
         groups: dict[tuple[int, int], list[KFACBlock]] = {}
         self._unbatched = []
@@ -826,10 +827,11 @@ class KFAC(th.optim.Optimizer):
             if self.inverse == "eigen":
                 q_g = th.stack([st["QG"] for st in states])
                 q_a = th.stack([st["QA"] for st in states])
-                scale = th.stack([1.0 / (th.outer(st["dG"], st["dA"]) + damping) for st in states])
-                batches.append((blocks, (q_g, q_a, scale)))
+                factors = (q_g, q_a, th.stack([1.0 / (th.outer(st["dG"], st["dA"]) + damping) for st in states]))
             else:
-                batches.append((blocks, (th.stack([st["G_inv"] for st in states]), th.stack([st["A_inv"] for st in states]))))
+                factors = (th.stack([st["G_inv"] for st in states]), th.stack([st["A_inv"] for st in states]))
+            block_groups = th.tensor([self._block_group[b] for b in blocks], device=factors[0].device)
+            batches.append((blocks, factors, block_groups))
         return batches
 
     # ------------------------------------------------------------------ (de)serialisation
