@@ -720,22 +720,31 @@ class KFAC(th.optim.Optimizer):
 
         cold = self.counters["updates"] < self.cold_iter
         directions = dict(grads)
-        # per group: Vᵀ∇ summed over its blocks, then over its raw (cold-start or outside-block, F = I) gradients
-        group_terms = th.zeros(len(self.param_groups), dtype=grad_list[0].dtype, device=grad_list[0].device)
+        # terms of Vᵀ∇ and their parameter groups: the solved blocks, then the raw (cold-start or outside-block,
+        # F = I) gradients of each group
+        terms: list[th.Tensor] = []
+        term_groups: list[th.Tensor] | None = [] if len(self.param_groups) > 1 else None  # one group: all in it
         if cold:
             norm = th.linalg.vector_norm(th.stack(th._foreach_norm(grad_list)))
             clip = min(1.0, self.cold_max_grad_norm / (float(norm) + 1e-6))
             directions = {k: g * clip for k, g in grads.items()}
         else:
-            self._precondition_gradients(grads, directions, group_terms)
+            self._precondition_gradients(grads, directions, terms, term_groups)
         for index, ps in enumerate(group_params):
             raw = [directions[id(p)] for p in ps if cold or directions[id(p)] is grads[id(p)]]
             if raw:
-                group_terms[index] += th.stack(th._foreach_norm(raw)).square().sum()
+                terms.append(th.stack(th._foreach_norm(raw)).square().sum().reshape(1))
+                if term_groups is not None:
+                    term_groups.append(th.full((1,), index, device=terms[-1].device))
+        values = th.cat(terms)
+        if term_groups is None:
+            group_terms = [float(values.sum())]
+        else:
+            group_terms = values.new_zeros(len(self.param_groups)).index_add_(0, th.cat(term_groups), values).tolist()
 
         # quadratic model of the KL of the step: lr² Vᵀ F V = lr² Vᵀ ∇ (V = F⁻¹ ∇), one trust region per group
         self.last_vfv, self.last_nu = [], []
-        for group, term in zip(self.param_groups, group_terms.tolist()):
+        for group, term in zip(self.param_groups, group_terms):
             vfv = group["lr"] ** 2 * term
             self.last_vfv.append(vfv)
             self.last_nu.append(1.0 if cold or not vfv > 0 else min(1.0, math.sqrt(group["kfac_clip"] / vfv)))
@@ -760,12 +769,16 @@ class KFAC(th.optim.Optimizer):
         return loss
 
     def _precondition_gradients(
-        self, grads: dict[int, th.Tensor], directions: dict[int, th.Tensor], group_terms: th.Tensor
+        self,
+        grads: dict[int, th.Tensor],
+        directions: dict[int, th.Tensor],
+        terms: list[th.Tensor],
+        term_groups: list[th.Tensor] | None,
     ) -> None:
         """
         Replace the gradients of covered layers in ``directions`` by their K-FAC solves; same-shape blocks are
-        solved together (batched matmuls keep the per-step overhead small for small networks). Adds the terms
-        ⟨V, ∇⟩ of the solved blocks to ``group_terms`` at their parameter group.
+        solved together (batched matmuls keep the per-step overhead small for small networks). Appends the terms
+        ⟨V, ∇⟩ of the solved blocks to ``terms`` and their parameter groups to ``term_groups`` (unless None).
         """
         if self._batches is None:
             self._batches = self._make_batches()
@@ -789,7 +802,9 @@ class KFAC(th.optim.Optimizer):
             else:
                 g_inv, a_inv = factors
                 solved = g_inv @ mats @ a_inv
-            group_terms.index_add_(0, block_groups, (solved * mats).sum(dim=(1, 2)).to(group_terms.dtype))
+            terms.append((solved * mats).sum(dim=(1, 2)))
+            if term_groups is not None:
+                term_groups.append(block_groups)
             for block, mat in zip(present, solved.unbind(0)):
                 w_dir, b_dir = block.from_matrix(mat)
                 directions[id(block.weight)] = w_dir
@@ -802,7 +817,9 @@ class KFAC(th.optim.Optimizer):
             solved = self._solve(block, mat)
             if solved is None:
                 continue
-            group_terms[self._block_group[block]] += (solved * mat).sum()
+            terms.append((solved * mat).sum().reshape(1))
+            if term_groups is not None:
+                term_groups.append(th.full((1,), self._block_group[block], device=mat.device))
             w_dir, b_dir = block.from_matrix(solved)
             directions[id(block.weight)] = w_dir
             if block.bias is not None:
