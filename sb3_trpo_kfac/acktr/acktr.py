@@ -318,9 +318,20 @@ class ACKTR(OnPolicyAlgorithm):
 
     def _fit_critic(self, observations: PyTorchObs, returns: th.Tensor) -> None:
         """The ``n_critic_updates - 1`` extra K-FAC steps of the critic-only parameters on the value loss."""
-        optimizer: KFAC = self.policy.optimizer  # type: ignore[assignment]
+        if self.n_critic_updates == 1:
+            return
+        policy, optimizer = self.policy, self.policy.optimizer
+        assert isinstance(optimizer, KFAC)
+        shared_features = None
+        if policy.share_features_extractor:  # an actor layer: its output stays the same through these steps
+            with th.no_grad():
+                shared_features = policy.extract_features(observations)
         for _ in range(self.n_critic_updates - 1):
-            value_loss = F.mse_loss(returns, self.policy.predict_values(observations).flatten())
+            if shared_features is None:
+                values = policy.predict_values(observations)
+            else:  # predict_values on the features computed once
+                values = policy.value_net(policy.mlp_extractor.forward_critic(shared_features))
+            value_loss = F.mse_loss(returns, values.flatten())
             grads = th.autograd.grad(self.vf_coef * value_loss, self._critic_params)
             optimizer.zero_grad()  # the actor has no gradient, so these steps leave it as it is
             for param, grad in zip(self._critic_params, grads, strict=True):
