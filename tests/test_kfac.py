@@ -307,6 +307,33 @@ def test_statistics_only_inside_collect_and_with_grad():
     th.testing.assert_close(opt.state[model[0].weight]["A"], a_ref.T @ a_ref / 5)
 
 
+
+def test_hooks_only_inside_collect():
+    model = _mlp()
+    opt = KFAC(model)
+    linears = [model[0], model[2]]
+    assert all(not m._forward_hooks for m in linears)  # rollout forwards take the hook-free call path
+    x = th.randn(5, 3, dtype=th.float64)
+    with opt.collect():
+        assert all(len(m._forward_hooks) == 1 for m in linears)
+        with opt.collect():  # nested: the same hooks, the inner context saves afresh
+            assert all(len(m._forward_hooks) == 1 for m in linears)
+            out = model(x)
+        assert all(len(m._forward_hooks) == 1 for m in linears)
+    assert all(not m._forward_hooks for m in linears)
+    assert opt.update_statistics(_sample_loss(out, th.randn(5, 2, dtype=th.float64)))
+    with pytest.raises(RuntimeError, match="boom"), opt.collect():
+        raise RuntimeError("boom")
+    assert all(not m._forward_hooks for m in linears)
+
+    opt.remove_hooks()
+    with opt.collect():
+        assert all(not m._forward_hooks for m in linears)
+        out = model(x)
+    with pytest.warns(UserWarning, match="no forward"):
+        assert opt.update_statistics(_sample_loss(out, th.randn(5, 2, dtype=th.float64))) is False
+    assert opt.counters["stats_updates"] == 1
+
 def test_statistics_leave_grad_untouched():
     model = _mlp()
     opt = KFAC(model)

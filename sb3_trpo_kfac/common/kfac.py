@@ -230,10 +230,12 @@ class KFAC(th.optim.Optimizer):
                 raise ValueError(f"`params`: the weight and bias of {block.name} are in different parameter groups")
         # the trust region (parameter group) each block's ⟨V, ∇⟩ counts in
         self._block_group = {block: group_of[id(block.weight)] for block in self.blocks}
-        self._collecting = False
         # per block: list of (input, output) pairs saved inside collect()
         self._saved: dict[KFACBlock, list[tuple[th.Tensor, th.Tensor]]] = {}
-        self._hooks = [block.module.register_forward_hook(self._make_hook(block)) for block in self.blocks]
+        # forward hooks exist only inside collect(): a module with hooks takes a slower call path, which every
+        # rollout forward would otherwise pay (CartPole MLP, 8 envs x 5 steps: about 12% of A2C's time per env step)
+        self._hooks: list[th.utils.hooks.RemovableHandle] = []
+        self._hooks_enabled = True
         self.counters: dict[str, int] = dict(
             steps=0,  # calls of step(), except those with refresh_curvature=False (extra_steps)
             extra_steps=0,  # calls of step(refresh_curvature=False)
@@ -314,14 +316,18 @@ class KFAC(th.optim.Optimizer):
 
     def _make_hook(self, block: KFACBlock) -> Callable[..., None]:
         def hook(module: nn.Module, inputs: tuple[th.Tensor, ...], output: th.Tensor) -> None:
-            # only inside collect() and only for forwards that build a graph
-            if self._collecting and th.is_grad_enabled() and output.requires_grad:
+            # only forwards that build a graph
+            if th.is_grad_enabled() and output.requires_grad:
                 self._saved.setdefault(block, []).append((inputs[0].detach(), output))
 
         return hook
 
     def remove_hooks(self) -> None:
-        """Detach the forward hooks from the model (the optimizer then only uses the statistics it has)."""
+        """Stop saving forwards in :meth:`collect` for good (the optimizer then only uses the statistics it has)."""
+        self._hooks_enabled = False
+        self._remove_hooks()
+
+    def _remove_hooks(self) -> None:
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
@@ -331,11 +337,14 @@ class KFAC(th.optim.Optimizer):
     def collect(self) -> Iterator[None]:
         """Context in which forward passes of covered layers are saved for :meth:`update_statistics`."""
         self._saved = {}
-        self._collecting = True
+        if self._hooks or not self._hooks_enabled:  # nested, or hooks removed
+            yield
+            return
+        self._hooks = [block.module.register_forward_hook(self._make_hook(block)) for block in self.blocks]
         try:
             yield
         finally:
-            self._collecting = False
+            self._remove_hooks()
 
     def update_statistics(self, fisher_loss: th.Tensor) -> bool:
         """
