@@ -31,6 +31,7 @@ Each parameter group is its own trust region, with its own ``lr``, ``momentum`` 
 """
 
 import contextlib
+import dataclasses
 import math
 from concurrent.futures import Future, ThreadPoolExecutor
 import warnings
@@ -119,6 +120,20 @@ class KFACBlock:
         if self.bias is not None:
             rows = F.pad(rows, (0, 1), value=1.0)
         return rows.T @ rows
+
+
+@dataclasses.dataclass
+class CurvatureJob:
+    """One curvature update: inputs from :meth:`KFAC._prepare_curvature`, results of :meth:`KFAC._compute_curvature`."""
+
+    # per block with statistics: its factors and decompositions (read), its new state entries (written)
+    blocks: list[tuple[KFACBlock, dict[str, th.Tensor], dict[str, th.Tensor]]] = dataclasses.field(default_factory=list)
+    # eigen mode: same-size full factors as (block, its entries, eigenvalue key, eigenvector key), their stack
+    # and the batched eigh of the stack (None if it raised)
+    eigen_groups: list[list[tuple[KFACBlock, dict[str, th.Tensor], str, str]]] = dataclasses.field(default_factory=list)
+    eigen_stacks: list[th.Tensor] = dataclasses.field(default_factory=list)
+    eigen_results: list[tuple[th.Tensor, th.Tensor] | None] = dataclasses.field(default_factory=list)
+    failures: list[str] = dataclasses.field(default_factory=list)
 
 
 class KFAC(th.optim.Optimizer):
@@ -214,7 +229,7 @@ class KFAC(th.optim.Optimizer):
         self.async_decomposition = async_decomposition
         self._executor: ThreadPoolExecutor | None = None
         # (future, stats_updates of its snapshot) of the background decomposition in flight
-        self._pending: tuple[Future, int] | None = None
+        self._pending: tuple[Future, CurvatureJob, int] | None = None
 
         self.kfac_clip = check_float("kfac_clip", kfac_clip, 0.0, low_inclusive=False)
         groups = self._parameter_groups(model.parameters() if params is None else params)
@@ -249,7 +264,7 @@ class KFAC(th.optim.Optimizer):
         )
         # stacked solve factors of same-shape blocks, rebuilt after every curvature update
         # (blocks, their stacked solve factors, their parameter groups)
-        self._batches: list[tuple[list[KFACBlock], tuple[th.Tensor, ...], th.Tensor]] | None = None
+        self._batches: list[tuple[list[KFACBlock], tuple[th.Tensor, ...], th.Tensor | None]] | None = None
         self._unbatched: list[KFACBlock] = []
         # diagnostics of the last step, one entry per parameter group (for logging): trust-region scale ν and
         # lr² Vᵀ F V of the unscaled step
@@ -398,14 +413,23 @@ class KFAC(th.optim.Optimizer):
                 self.counters["skipped_stats"] += 1
                 warnings.warn("KFAC.update_statistics: non-finite statistics were ignored")
                 return False
-            rho = self.stats_decay
-            for block, (a_sum, g_sum, n_samples) in sums.items():
+            # batch means (out of place: blocks fed the same input share one moment tensor), then
+            # A ← ρ A + (1 − ρ) A_batch, fused over all running factors
+            means = th._foreach_div(
+                [t for a_sum, g_sum, _ in sums.values() for t in (a_sum, g_sum)],
+                [float(n_samples) for _, _, n_samples in sums.values() for _ in range(2)],
+            )
+            running, batch = [], []
+            for block, a_mean, g_mean in zip(sums, means[::2], means[1::2]):
                 state = self.state[block.weight]
-                if "A" not in state:
-                    state["A"], state["G"] = a_sum / n_samples, g_sum / n_samples
+                if "A" not in state:  # the first batch initialises them
+                    state["A"], state["G"] = a_mean, g_mean
                 else:
-                    state["A"].mul_(rho).add_(a_sum, alpha=(1.0 - rho) / n_samples)
-                    state["G"].mul_(rho).add_(g_sum, alpha=(1.0 - rho) / n_samples)
+                    running += [state["A"], state["G"]]
+                    batch += [a_mean, g_mean]
+            if running:
+                th._foreach_mul_(running, self.stats_decay)
+                th._foreach_add_(running, batch, alpha=1.0 - self.stats_decay)
         self.counters["stats_updates"] += 1
         return True
 
@@ -488,96 +512,99 @@ class KFAC(th.optim.Optimizer):
     # keys of a block's state that the curvature computation reads (factors) or writes (decompositions)
     _CURVATURE_KEYS = ("A", "G", "QA", "dA", "sA", "QG", "dG", "A_inv", "G_inv", "wA", "wA_rest")
 
-    def _curvature_inputs(self, clone: bool) -> list[tuple[KFACBlock, dict[str, th.Tensor]]]:
+    def _prepare_curvature(self, snapshot: bool) -> CurvatureJob:
         """
-        Per block with statistics: its factors and current decompositions. With ``clone`` the factors are copied
-        (they are updated in place by :meth:`update_statistics`); decompositions are only ever replaced, never
-        modified in place, so they are passed by reference.
+        The curvature work for the current factors (calling thread). Eigen mode: the full factors, grouped by
+        size and stacked for one batched ``eigh`` per size (small networks have many same-size factors, and the
+        per-call overhead is then most of the cost); the stacks are copies, so they are also the snapshot a
+        background decomposition reads. With ``snapshot`` the factors the other paths read (low-rank, inverse
+        mode) are copied too (:meth:`update_statistics` updates them in place); decompositions are only ever
+        replaced, never modified in place, so they are passed by reference.
         """
-        inputs = []
+        job = CurvatureJob()
+        stacks: dict[tuple[int, th.dtype], list[tuple[KFACBlock, dict[str, th.Tensor], str, str, th.Tensor]]] = {}
         for block in self.blocks:
             state = self.state[block.weight]
             if "A" not in state:
                 continue
             entries = {key: state[key] for key in self._CURVATURE_KEYS if key in state}
-            if clone:
+            low_rank = self._is_low_rank(entries["A"].shape[0])
+            if self.inverse == "eigen":
+                for key, q_key, d_key in (("A", "QA", "dA"), ("G", "QG", "dG"))[int(low_rank) :]:
+                    mat = entries[key]
+                    stacks.setdefault((mat.shape[0], mat.dtype), []).append((block, entries, d_key, q_key, mat))
+            if snapshot and (low_rank or self.inverse != "eigen"):
                 entries["A"], entries["G"] = entries["A"].clone(), entries["G"].clone()
-            inputs.append((block, entries))
-        return inputs
+            job.blocks.append((block, entries, {}))
+        for group in stacks.values():
+            job.eigen_groups.append([(block, entries, d_key, q_key) for block, entries, d_key, q_key, _ in group])
+            job.eigen_stacks.append(th.stack([mat for *_, mat in group]))
+        return job
 
     @th.no_grad()
-    def _compute_curvature(
-        self, inputs: list[tuple[KFACBlock, dict[str, th.Tensor]]], damping: float
-    ) -> tuple[list[tuple[KFACBlock, dict[str, th.Tensor]]], list[str]]:
+    def _compute_curvature(self, job: CurvatureJob, damping: float) -> None:
         """
-        Eigendecompositions (or inverses) of the given factors. Reads only ``inputs`` and the optimizer's
-        configuration and writes nothing, so it can run in the background worker.
-
-        :return: per block the new state entries, and the messages of the decompositions that failed
+        The decompositions (or inverses) of a prepared job, into ``job``. Reads only the job and the optimizer's
+        configuration, so it can run in the background worker. In eigen mode with full-rank factors the work
+        here is one ``eigh`` call per factor size: few GIL hand-overs with the thread doing the rollout (each
+        one can wait on it); the checks run in :meth:`_apply_curvature`.
         """
-        failures: list[str] = []
-        results = []
-        # eigen mode: the full factors, grouped by size for one batched eigh per size (small networks have
-        # many same-size factors, and the per-call overhead is then most of the cost)
-        pending: dict[tuple[int, th.dtype], list[tuple[Any, ...]]] = {}
-        for block, state in inputs:
-            out: dict[str, th.Tensor] = {}
+        for block, state, out in job.blocks:
             low_rank = self._is_low_rank(state["A"].shape[0])
             if low_rank:
                 previous = (state["dA"], state["QA"], state["sA"]) if "sA" in state else None
-                result = self._top_eigen(block.name, state["A"], previous, failures)
+                result = self._top_eigen(block.name, state["A"], previous, job.failures)
                 if result is not None:
                     out["dA"], out["QA"], out["sA"] = result
             if self.inverse == "eigen":
-                for key, q_key, d_key in (("A", "QA", "dA"), ("G", "QG", "dG"))[int(low_rank) :]:
-                    previous = (state[d_key], state[q_key]) if q_key in state else None
-                    mat = state[key]
-                    pending.setdefault((mat.shape[0], mat.dtype), []).append((block.name, mat, previous, out, d_key, q_key))
-            else:
-                dim_a, dim_g = state["A"].shape[0], state["G"].shape[0]
-                mean_a, mean_g = state["A"].trace() / dim_a, state["G"].trace() / dim_g
-                pi = math.sqrt(mean_a / mean_g) if mean_a > 0 and mean_g > 0 else 1.0
-                root = math.sqrt(damping)
-                inv = self._invert(block.name, state["G"], root / pi, state.get("G_inv"), failures)
+                continue
+            dim_a, dim_g = state["A"].shape[0], state["G"].shape[0]
+            mean_a, mean_g = state["A"].trace() / dim_a, state["G"].trace() / dim_g
+            pi = math.sqrt(mean_a / mean_g) if mean_a > 0 and mean_g > 0 else 1.0
+            root = math.sqrt(damping)
+            inv = self._invert(block.name, state["G"], root / pi, state.get("G_inv"), job.failures)
+            if inv is not None:
+                out["G_inv"] = inv
+            if low_rank and "sA" in out:
+                # (A + s I)⁻¹ on the kept eigenvectors and on their complement
+                out["wA"], out["wA_rest"] = 1.0 / (out["dA"] + pi * root), 1.0 / (out["sA"] + pi * root)
+            elif not low_rank:
+                inv = self._invert(block.name, state["A"], pi * root, state.get("A_inv"), job.failures)
                 if inv is not None:
-                    out["G_inv"] = inv
-                if low_rank and "sA" in out:
-                    # (A + s I)⁻¹ on the kept eigenvectors and on their complement
-                    out["wA"], out["wA_rest"] = 1.0 / (out["dA"] + pi * root), 1.0 / (out["sA"] + pi * root)
-                elif not low_rank:
-                    inv = self._invert(block.name, state["A"], pi * root, state.get("A_inv"), failures)
-                    if inv is not None:
-                        out["A_inv"] = inv
-            results.append((block, out))
-        for group in pending.values():
-            decomposed = self._decompose_batch([mat for _, mat, _, _, _, _ in group])
-            for index, (name, mat, previous, out, d_key, q_key) in enumerate(group):
-                result = decomposed[index] if decomposed is not None else self._decompose(name, mat, previous, failures)
-                if result is not None:
-                    out[d_key], out[q_key] = result
-        return results, failures
+                    out["A_inv"] = inv
+        for stack in job.eigen_stacks:
+            try:
+                job.eigen_results.append(th.linalg.eigh(stack))
+            except RuntimeError:
+                job.eigen_results.append(None)
 
-    @staticmethod
-    def _decompose_batch(mats: list[th.Tensor]) -> list[tuple[th.Tensor, th.Tensor]] | None:
-        """:meth:`_decompose` of same-size factors in one batched call; None if any failed (then one by one)."""
-        if len(mats) == 1:
-            return None
-        try:
-            evals, evecs = th.linalg.eigh(th.stack(mats))
-        except RuntimeError:
-            return None
-        if not bool(th.isfinite(evals).all() and th.isfinite(evecs).all()):
-            return None
-        evals = th.where(evals < EIGENVALUE_FLOOR, th.zeros_like(evals), evals)
-        return list(zip(evals.unbind(0), evecs.unbind(0)))
-
-    def _apply_curvature(
-        self, results: list[tuple[KFACBlock, dict[str, th.Tensor]]], failures: list[str], stats_updates: int
-    ) -> None:
-        """Swap computed decompositions into the state (calling thread only); ``stats_updates`` they reflect."""
-        for block, entries in results:
-            self.state[block.weight].update(entries)
-        for message in failures:
+    def _apply_curvature(self, job: CurvatureJob, stats_updates: int) -> None:
+        """
+        Check a computed job, swap its decompositions into the state (calling thread only). A batched ``eigh``
+        that failed or is not finite is redone factor by factor (:meth:`_decompose`: float64 retry, previous
+        basis as fallback). ``stats_updates``: the statistics the job reflects.
+        """
+        outs = {block: out for block, _, out in job.blocks}
+        results = job.eigen_results
+        with th.no_grad():
+            # a norm is finite only if every entry is: one fused reduction checks all batched results
+            computed = [t for result in results if result is not None for t in result]
+            all_finite = not computed or bool(th.isfinite(th.stack(th._foreach_norm(computed))).all())
+            for group, stack, result in zip(job.eigen_groups, job.eigen_stacks, results, strict=True):
+                if result is not None and (all_finite or bool(th.isfinite(result[0]).all() and th.isfinite(result[1]).all())):
+                    evals = result[0].masked_fill(result[0] < EIGENVALUE_FLOOR, 0.0)
+                    pairs: list[tuple[th.Tensor, th.Tensor] | None] = list(zip(evals.unbind(0), result[1].unbind(0)))
+                else:
+                    pairs = [
+                        self._decompose(block.name, mat, (state[d_key], state[q_key]) if q_key in state else None, job.failures)
+                        for (block, state, d_key, q_key), mat in zip(group, stack.unbind(0))
+                    ]
+                for (block, _, d_key, q_key), pair in zip(group, pairs):
+                    if pair is not None:
+                        outs[block][d_key], outs[block][q_key] = pair
+        for block, out in outs.items():
+            self.state[block.weight].update(out)
+        for message in job.failures:
             self.counters["decomposition_failures"] += 1
             warnings.warn(message)
         self.counters["curvature_updates"] += 1
@@ -591,8 +618,9 @@ class KFAC(th.optim.Optimizer):
         background decomposition (``async_decomposition``) is discarded: it would only be older.
         """
         self._discard_pending()
-        results, failures = self._compute_curvature(self._curvature_inputs(clone=False), self._block_damping())
-        self._apply_curvature(results, failures, self.counters["stats_updates"])
+        job = self._prepare_curvature(snapshot=False)
+        self._compute_curvature(job, self._block_damping())
+        self._apply_curvature(job, self.counters["stats_updates"])
 
     # ------------------------------------------------------------------ background decompositions
     def _submit_curvature(self) -> None:
@@ -602,18 +630,18 @@ class KFAC(th.optim.Optimizer):
             self._executor = ThreadPoolExecutor(
                 max_workers=1, thread_name_prefix="kfac-decomposition", initializer=_limit_worker_threads
             )
-        inputs = self._curvature_inputs(clone=True)
-        future = self._executor.submit(self._compute_curvature, inputs, self._block_damping())
-        self._pending = (future, self.counters["stats_updates"])
+        job = self._prepare_curvature(snapshot=True)
+        future = self._executor.submit(self._compute_curvature, job, self._block_damping())
+        self._pending = (future, job, self.counters["stats_updates"])
 
     def _join_pending(self) -> None:
         """Wait for the background decomposition, if any, and swap its result in."""
         if self._pending is None:
             return
-        future, stats_updates = self._pending
+        future, job, stats_updates = self._pending
         self._pending = None
-        results, failures = future.result()
-        self._apply_curvature(results, failures, stats_updates)
+        future.result()
+        self._apply_curvature(job, stats_updates)
 
     def _discard_pending(self) -> None:
         """Forget the background decomposition, if any (it only reads its own snapshot, so it may finish alone)."""
@@ -798,7 +826,7 @@ class KFAC(th.optim.Optimizer):
             if len(present) < len(blocks):
                 index = [blocks.index(b) for b in present]
                 factors = tuple(f[index] for f in factors)
-                block_groups = block_groups[index]
+                block_groups = None if block_groups is None else block_groups[index]
             mats = th.stack(
                 [
                     b.to_matrix(grads.get(id(b.weight)), grads.get(id(b.bias)) if b.bias is not None else None)
@@ -813,7 +841,7 @@ class KFAC(th.optim.Optimizer):
                 solved = g_inv @ mats @ a_inv
             terms.append((solved * mats).sum(dim=(1, 2)))
             if term_groups is not None:
-                term_groups.append(block_groups)
+                term_groups.append(block_groups)  # type: ignore[arg-type]  # set with several groups
             for block, mat in zip(present, solved.unbind(0)):
                 w_dir, b_dir = block.from_matrix(mat)
                 directions[id(block.weight)] = w_dir
@@ -834,7 +862,7 @@ class KFAC(th.optim.Optimizer):
             if block.bias is not None:
                 directions[id(block.bias)] = b_dir  # type: ignore[assignment]
 
-    def _make_batches(self) -> list[tuple[list[KFACBlock], tuple[th.Tensor, ...], th.Tensor]]:
+    def _make_batches(self) -> list[tuple[list[KFACBlock], tuple[th.Tensor, ...], th.Tensor | None]]:
         """Group the full-rank blocks with curvature by matrix shape and stack their solve factors."""
         groups: dict[tuple[int, int], list[KFACBlock]] = {}
         self._unbatched = []
@@ -853,10 +881,15 @@ class KFAC(th.optim.Optimizer):
             if self.inverse == "eigen":
                 q_g = th.stack([st["QG"] for st in states])
                 q_a = th.stack([st["QA"] for st in states])
-                factors = (q_g, q_a, th.stack([1.0 / (th.outer(st["dG"], st["dA"]) + damping) for st in states]))
+                d_g, d_a = th.stack([st["dG"] for st in states]), th.stack([st["dA"] for st in states])
+                factors = (q_g, q_a, (d_g.unsqueeze(2) * d_a.unsqueeze(1) + damping).reciprocal_())
             else:
                 factors = (th.stack([st["G_inv"] for st in states]), th.stack([st["A_inv"] for st in states]))
-            block_groups = th.tensor([self._block_group[b] for b in blocks], device=factors[0].device)
+            block_groups = (  # only needed with several trust regions
+                th.tensor([self._block_group[b] for b in blocks], device=factors[0].device)
+                if len(self.param_groups) > 1
+                else None
+            )
             batches.append((blocks, factors, block_groups))
         return batches
 
