@@ -84,9 +84,9 @@ class ACKTR(OnPolicyAlgorithm):
     :param kfac_async: Compute the eigendecompositions (or inverses) in a background thread, overlapped with
         the next rollout: each update then uses the basis of the previous update's statistics (the first one is
         computed synchronously). Deterministic; needs a free second CPU core to pay off (see ``KFAC``'s
-        ``async_decomposition``). Off by default: on a loaded 2-core machine it saved little (CartPole MLP,
-        8 envs x 5 steps: 1.95x A2C's time per step instead of 2.05x) and the one-update-old basis learned
-        CartPole slower (median steps to 475 over seeds 0-9: 42,440 instead of 20,680).
+        ``async_decomposition``). CartPole MLP, 8 envs x 5 steps, decompositions every update, quiet 2-core
+        machine: 1.45-1.48x A2C's time per step instead of 1.63-1.67x. Off by default: the one-update-old basis
+        learned CartPole slower (median steps to 475 over seeds 0-9: 42,440 instead of 20,680).
     :param vf_fisher_coef: Weight of the value head's Gaussian likelihood in the Fisher loss
     :param cold_iter: Number of initial updates done with plain momentum SGD (gradient clipped to
         ``max_grad_norm``) while the statistics warm up

@@ -177,7 +177,8 @@ class KFAC(th.optim.Optimizer):
         keeps the current basis; the next step waits for them and swaps them in. Each step thus uses a basis
         one decomposition older than with the default synchronous mode (the very first one is synchronous),
         and the decompositions overlap whatever the caller does between steps (in ACKTR, the next rollout).
-        ``torch.linalg.eigh`` releases the GIL, so this helps with at least two cores. Results are
+        The worker only runs the batched ``torch.linalg.eigh`` calls, which release the GIL (low-rank and
+        ``"inverse"`` modes run their whole computation there), so this helps with at least two cores. Results are
         deterministic: the swap happens at a fixed point (the next :meth:`step`, :meth:`precondition` or
         :meth:`state_dict`); :meth:`load_state_dict` and :meth:`update_preconditioner` discard a pending job.
     :param modules: layers to cover (default: every ``nn.Linear`` / ``nn.Conv2d`` in ``model``)
