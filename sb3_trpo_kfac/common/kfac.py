@@ -229,7 +229,7 @@ class KFAC(th.optim.Optimizer):
             raise TypeError(f"`async_decomposition` must be a bool, got {type(async_decomposition).__name__}")
         self.async_decomposition = async_decomposition
         self._executor: ThreadPoolExecutor | None = None
-        # (future, stats_updates of its snapshot) of the background decomposition in flight
+        # (future, job, stats_updates of its snapshot) of the background decomposition in flight
         self._pending: tuple[Future, CurvatureJob, int] | None = None
 
         self.kfac_clip = check_float("kfac_clip", kfac_clip, 0.0, low_inclusive=False)
@@ -547,8 +547,8 @@ class KFAC(th.optim.Optimizer):
         """
         The decompositions (or inverses) of a prepared job, into ``job``. Reads only the job and the optimizer's
         configuration, so it can run in the background worker. In eigen mode with full-rank factors the work
-        here is one ``eigh`` call per factor size: few GIL hand-overs with the thread doing the rollout (each
-        one can wait on it); the checks run in :meth:`_apply_curvature`.
+        here is one ``eigh`` call per factor size, so the worker rarely needs the GIL (each time it may wait for
+        the thread doing the rollout to release it); the checks run in :meth:`_apply_curvature`.
         """
         for block, state, out in job.blocks:
             low_rank = self._is_low_rank(state["A"].shape[0])
