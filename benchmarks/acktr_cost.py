@@ -5,16 +5,20 @@ Wall time per environment step of ACKTR vs SB3's A2C with the same n_envs / n_st
 - MLP: CartPole-v1, 8 envs x 5 steps, default MlpPolicy;
 - CNN: NatureCNN on 84x84x4 frames (SB3's FakeImageEnv), 16 envs x 5 steps.
 
-    python benchmarks/acktr_cost.py [--updates-mlp 400] [--updates-cnn 60] [--repeats 3]
+    python benchmarks/acktr_cost.py [--rounds 30] [--block-mlp 20] [--block-cnn 10]
 
-The two algorithms are timed alternately, ``--repeats`` times, after a warm-up; the best (least disturbed)
-time of each is used. ACKTR runs with each setting in ``ACKTR_KWARGS``:
+After a warm-up, the models are timed in turn, ``--block-*`` updates each, for ``--rounds`` rounds: short
+interleaved blocks spread any drift of the machine (frequency, neighbours) over all of them; a block covers whole
+cycles of the amortized settings. Printed: the ratio of total times and the median of the per-round ratios. ACKTR runs with each setting in ``ACKTR_KWARGS``:
 
 - mlp "fresh": eigendecompositions and statistics at every update (the CartPole settings of
   benchmarks/acktr_sample_efficiency.py, the fastest to learn there);
 - mlp "fresh async": the same with ``kfac_async=True``: the eigendecompositions run in a background thread
   overlapped with the next rollout (each update uses the previous update's basis);
 - mlp "amortized": eigendecompositions every 10 updates, statistics every 4 (cheaper, learns CartPole slower);
+  "amortized async" the same with ``kfac_async=True``;
+- mlp "statistics only": statistics every update, no decomposition after the first (the floor of fresh
+  statistics);
 - cnn: statistics every 10 updates, factored-damping inverses every 10, rank-128 input factor for the
   3136 -> 512 layer; with and without ``kfac_async``.
 
@@ -39,6 +43,7 @@ ACKTR_KWARGS: dict[str, dict[str, dict[str, Any]]] = {
         "fresh": dict(kfac_update=1, kfac_async=False),
         "fresh async": dict(kfac_update=1, kfac_async=True),
         "amortized": dict(kfac_update=10, kfac_stats_interval=4, kfac_async=False),
+        "amortized async": dict(kfac_update=10, kfac_stats_interval=4, kfac_async=True),
         # the floor of fresh statistics: no decomposition after the first one
         "statistics only": dict(kfac_update=10**9, kfac_async=False),
     },
@@ -57,18 +62,18 @@ def make_env(case: str, seed: int):
     return make_vec_env(lambda: FakeImageEnv(screen_height=84, screen_width=84, n_channels=4), n_envs=16, seed=seed)
 
 
-def seconds_per_step(model: BaseAlgorithm, updates: int) -> float:
-    steps = updates * model.n_steps * model.n_envs  # type: ignore[attr-defined]
+def timed_learn(model: BaseAlgorithm, updates: int) -> float:
+    """Seconds to run ``updates`` more rollouts + updates."""
     start = time.perf_counter()
-    model.learn(steps, reset_num_timesteps=False)
-    return (time.perf_counter() - start) / steps
+    model.learn(updates * model.n_steps * model.n_envs, reset_num_timesteps=False)  # type: ignore[attr-defined]
+    return time.perf_counter() - start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--updates-mlp", type=int, default=400)
-    parser.add_argument("--updates-cnn", type=int, default=60)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--block-mlp", type=int, default=20, help="updates per model and round, MLP case")
+    parser.add_argument("--block-cnn", type=int, default=10, help="updates per model and round, CNN case")
     parser.add_argument("--cases", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
     parser.add_argument("--only", nargs="+", default=None, help="ACKTR rows to time (default: all of the case)")
     args = parser.parse_args()
@@ -76,7 +81,7 @@ def main() -> None:
 
     for case in args.cases:
         policy = "MlpPolicy" if case == "mlp" else "CnnPolicy"
-        updates = args.updates_mlp if case == "mlp" else args.updates_cnn
+        block = args.block_mlp if case == "mlp" else args.block_cnn
         a2c = A2C(policy, make_env(case, 0), n_steps=5, seed=0, device="cpu")
         acktrs = {
             label: ACKTR(policy, make_env(case, 0), n_steps=5, seed=0, device="cpu", **kwargs)
@@ -85,18 +90,19 @@ def main() -> None:
         }
         models: dict[str, BaseAlgorithm] = {"A2C": a2c, **acktrs}
         for model in models.values():  # warm-up (allocations, first decompositions)
-            seconds_per_step(model, max(updates // 10, 11))
+            timed_learn(model, max(2 * block, 11))
         times: dict[str, list[float]] = {name: [] for name in models}
-        for _ in range(args.repeats):
+        for _ in range(args.rounds):
             for name, model in models.items():
-                times[name].append(seconds_per_step(model, updates))
-        best = {name: min(values) for name, values in times.items()}
-        median = {name: sorted(values)[len(values) // 2] for name, values in times.items()}
+                times[name].append(timed_learn(model, block))
+        steps = args.rounds * block * a2c.n_steps * a2c.n_envs
+        a2c_total = sum(times["A2C"])
         for label in acktrs:
+            per_round = sorted(t / t_a2c for t, t_a2c in zip(times[label], times["A2C"]))
             print(
-                f"{case} {label}: A2C {best['A2C'] * 1e3:.3f} ms/step, ACKTR {best[label] * 1e3:.3f} ms/step, "
-                f"ratio {best[label] / best['A2C']:.3f} (best of {args.repeats}; median ratio "
-                f"{median[label] / median['A2C']:.3f})  ACKTR settings {ACKTR_KWARGS[case][label]}",
+                f"{case} {label}: A2C {a2c_total / steps * 1e3:.3f} ms/step, ACKTR {sum(times[label]) / steps * 1e3:.3f} "
+                f"ms/step, ratio {sum(times[label]) / a2c_total:.3f} (median of {args.rounds} rounds "
+                f"{per_round[len(per_round) // 2]:.3f})  ACKTR settings {ACKTR_KWARGS[case][label]}",
                 flush=True,
             )
 
