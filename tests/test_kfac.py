@@ -2,6 +2,7 @@
 
 import copy
 import io
+import threading
 
 import pytest
 import torch as th
@@ -333,6 +334,7 @@ def test_hooks_only_inside_collect():
     with pytest.warns(UserWarning, match="no forward"):
         assert opt.update_statistics(_sample_loss(out, th.randn(5, 2, dtype=th.float64))) is False
     assert opt.counters["stats_updates"] == 1
+
 
 def test_statistics_leave_grad_untouched():
     model = _mlp()
@@ -695,6 +697,34 @@ def test_async_decomposition_failure_is_reported_in_the_caller(monkeypatch):
         opt._join_pending()
     assert opt.counters["decomposition_failures"] == 4
     assert th.equal(opt.state[model[0].weight]["QA"], basis)
+
+
+def test_async_worker_only_runs_one_batched_eigh_per_factor_size(monkeypatch):
+    th.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4)).double()  # A: 5x5 twice, G: 4x4 twice
+    opt = KFAC(model, lr=0.1, kfac_update=1, async_decomposition=True)
+    original, calls = th.linalg.eigh, []
+
+    def recording_eigh(mat, *args, **kwargs):
+        calls.append((threading.current_thread() is threading.main_thread(), tuple(mat.shape)))
+        return original(mat, *args, **kwargs)
+
+    monkeypatch.setattr(th.linalg, "eigh", recording_eigh)
+    gen = th.Generator().manual_seed(0)
+    for step in range(3):
+        with opt.collect():
+            out = model(th.randn(16, 4, dtype=th.float64, generator=gen))
+        opt.update_statistics(_sample_loss(out, th.randn(16, 4, dtype=th.float64, generator=gen)))
+        opt.zero_grad()
+        out.square().sum().backward()
+        opt.step()
+        opt._join_pending()
+        in_main = sorted(shape for main, shape in calls if main)
+        in_worker = sorted(shape for main, shape in calls if not main)
+        # the first decomposition is synchronous, the next ones run in the worker: one call per factor size
+        batched = [(2, 4, 4), (2, 5, 5)]
+        assert (in_main, in_worker) == ((batched, []) if step == 0 else ([], batched))
+        calls.clear()
 
 
 def test_async_bad_argument():

@@ -85,7 +85,7 @@ class ACKTR(OnPolicyAlgorithm):
         the next rollout: each update then uses the basis of the previous update's statistics (the first one is
         computed synchronously). Deterministic; needs a free second CPU core to pay off (see ``KFAC``'s
         ``async_decomposition``). CartPole MLP, 8 envs x 5 steps, decompositions every update, quiet 2-core
-        machine: 1.45-1.48x A2C's time per step instead of 1.63-1.67x. Off by default: the one-update-old basis
+        machine: 1.33-1.48x A2C's time per step instead of 1.59-1.67x. Off by default: the one-update-old basis
         learned CartPole slower (median steps to 475 over seeds 0-9: 42,440 instead of 20,680).
     :param vf_fisher_coef: Weight of the value head's Gaussian likelihood in the Fisher loss
     :param cold_iter: Number of initial updates done with plain momentum SGD (gradient clipped to
