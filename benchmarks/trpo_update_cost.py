@@ -17,7 +17,6 @@ import torch as th
 from sb3_contrib import TRPO as ContribTRPO
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.envs import FakeImageEnv
-from stable_baselines3.common.utils import obs_as_tensor
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 from sb3_trpo_kfac import TRPO

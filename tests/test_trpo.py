@@ -122,7 +122,7 @@ def test_structural_split_on_renamed_policy_and_critic_never_moves_actor(monkeyp
     monkeypatch.setattr(model, "_policy_step", lambda *args: {k: 0.0 for k in ("policy_objective", "kl_divergence_loss", "is_line_search_success", "line_search_step_fraction", "non_finite_step", "cg_residual")})
     snapshot = PolicySnapshot()
     model.learn(total_timesteps=SMALL["n_steps"], callback=snapshot)
-    actor, critic = model._actor_params, model._critic_params
+    critic = model._critic_params
     names = {id(p): n for n, p in model.policy.named_parameters()}
     assert {names[id(p)].split(".")[0] for p in critic} >= {"critic_head"}
     assert all("critic" in names[id(p)] for p in critic)
