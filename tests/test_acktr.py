@@ -198,6 +198,8 @@ def test_no_grad_rollouts_do_not_touch_statistics():
     model.policy.evaluate_actions(th.as_tensor(obs).float(), th.zeros(5))  # with grad, outside collect()
     assert optimizer.counters["stats_updates"] == 1
     assert all(th.equal(optimizer.state[block.weight]["A"], snapshot[block.name]) for block in optimizer.blocks)
+    # the rollout's forwards take the hook-free call path: K-FAC's hooks exist only inside collect()
+    assert all(not module._forward_hooks for module in model.policy.modules())
 
 
 def test_non_finite_loss_never_reaches_parameters():
