@@ -238,8 +238,11 @@ def write_tables(runs: list[dict[str, Any]], args: argparse.Namespace, out: Path
             name: np.array([[final_return(run["timesteps"], run["returns"])] for run in found])
             for name, found in env_runs.items()
         }
-        iqm, ci = rly.get_interval_estimates(
-            finals, lambda scores: np.array([metrics.aggregate_iqm(scores)]), reps=2000
+        iqm, ci = rly.get_interval_estimates(  # seeded: the same runs give the same tables
+            finals,
+            lambda scores: np.array([metrics.aggregate_iqm(scores)]),
+            reps=2000,
+            random_state=np.random.RandomState(0),
         )
         lines += [
             f"### {env} ({budget:,} env steps, {setting.eval_episodes} deterministic evaluation episodes every "
