@@ -20,8 +20,8 @@ with 95% stratified-bootstrap CIs from rliable, mean +- std, env steps until the
 threshold, wall time) and ``learning_curves.png``.
 Finished runs are skipped, so an interrupted benchmark resumes where it stopped.
 
-Full mode on a quiet 2-core machine with --jobs 2 and seeds 0 1 2: about 3.5 hours (HalfCheetah-v5 is about
-60% of it).
+Full mode on a quiet 2-core machine with --jobs 2 and seeds 0 1 2: 5-7 hours (HalfCheetah-v5 is about 60% of it;
+a PPO HalfCheetah run alone takes up to an hour).
 """
 
 import argparse
