@@ -535,7 +535,9 @@ class KFAC(th.optim.Optimizer):
                     mat = entries[key]
                     stacks.setdefault((mat.shape[0], mat.dtype), []).append((block, entries, d_key, q_key, mat))
             if snapshot and (low_rank or self.inverse != "eigen"):
-                entries["A"], entries["G"] = entries["A"].clone(), entries["G"].clone()
+                entries["A"] = entries["A"].clone()  # read by _top_eigen / the inverses in the worker
+            if snapshot and self.inverse != "eigen":
+                entries["G"] = entries["G"].clone()  # (eigen mode: G is in a stack, already a copy)
             job.blocks.append((block, entries, {}))
         for group in stacks.values():
             job.eigen_groups.append([(block, entries, d_key, q_key) for block, entries, d_key, q_key, _ in group])
