@@ -103,14 +103,15 @@ def _state_tensors(model: ACKTR) -> list[th.Tensor]:
 
 
 @pytest.mark.parametrize(
-    "kfac_async, critic_kwargs", [(False, {}), (True, {}), (False, dict(vf_kfac_clip=0.01, n_critic_updates=3))]
+    "kfac_async, extra_kwargs",
+    [(False, {}), (True, {}), (False, dict(vf_kfac_clip=0.01, n_critic_updates=3)), (True, dict(kfac_refine=2))],
 )
-def test_save_load_learn_matches_uninterrupted(tmp_path, kfac_async, critic_kwargs):
+def test_save_load_learn_matches_uninterrupted(tmp_path, kfac_async, extra_kwargs):
     def make_env():
         return make_vec_env("CartPole-v1", n_envs=2, seed=0)
 
     kwargs = dict(n_steps=8, kfac_update=3, kfac_async=kfac_async, policy_kwargs=TINY, seed=0, device="cpu")
-    kwargs.update(critic_kwargs)
+    kwargs.update(extra_kwargs)
     model = ACKTR("MlpPolicy", make_env(), **kwargs)
     model.learn(160)
     model.save(tmp_path / "acktr")
@@ -120,6 +121,7 @@ def test_save_load_learn_matches_uninterrupted(tmp_path, kfac_async, critic_kwar
     assert all(th.equal(a, b) for a, b in zip(_state_tensors(model), _state_tensors(loaded)))
     assert len(_state_tensors(loaded)) > 0
     assert loaded.kfac_async == kfac_async and loaded.policy.optimizer.async_decomposition == kfac_async
+    assert loaded.policy.optimizer.refine_iterations == extra_kwargs.get("kfac_refine", 0)
     for ours, theirs in zip(loaded.policy.optimizer.param_groups, model.policy.optimizer.param_groups, strict=True):
         assert {k: v for k, v in ours.items() if k != "params"} == {k: v for k, v in theirs.items() if k != "params"}
         assert len(ours["params"]) == len(theirs["params"])
@@ -234,6 +236,7 @@ def test_non_finite_loss_never_reaches_parameters():
         (dict(vf_fisher_coef=-1.0), ValueError, "vf_fisher_coef"),
         (dict(cold_iter=-2), ValueError, "cold_iter"),
         (dict(kfac_async=1), TypeError, "kfac_async"),
+        (dict(kfac_refine=-1), ValueError, "kfac_refine"),
         (dict(gamma=1.5), ValueError, "gamma"),
     ],
 )

@@ -175,6 +175,63 @@ def test_preconditioned_gradient_matches_dense_solve(inverse):
     assert opt.precondition([scale], [scale_grad])[0] is scale_grad
 
 
+@pytest.mark.parametrize("inverse", ["eigen", "inverse"])
+def test_refinement_solves_the_current_factors_with_a_stale_decomposition(inverse):
+    damping = 0.05
+
+    def step_after_stale_decomposition(refine_iterations: int) -> tuple[KFAC, list, list, list]:
+        model = _mlp()
+        opt = KFAC(
+            model, lr=1.0, momentum=0.0, kfac_clip=1e9, damping=damping, inverse=inverse, kfac_update=100,
+            refine_iterations=refine_iterations,
+        )
+        th.manual_seed(1)
+        _fit_statistics(model, opt, batches=1)
+        opt.update_preconditioner()  # decomposed from the first batch only
+        _fit_statistics(model, opt, batches=3, n=8)  # the factors move on; no decomposition is due
+        _loss_and_grads(model, opt)
+        layers = [model[0], model[2]]
+        grads = [_wbar(layer, layer.weight.grad, layer.bias.grad) for layer in layers]
+        before = [_wbar(layer, layer.weight.detach(), layer.bias.detach()).clone() for layer in layers]
+        opt.step()
+        assert opt.counters["curvature_updates"] == 1
+        steps = [old - _wbar(layer, layer.weight.detach(), layer.bias.detach()) for layer, old in zip(layers, before)]
+        factors = [(opt.state[layer.weight]["A"], opt.state[layer.weight]["G"]) for layer in layers]
+        return opt, grads, steps, factors
+
+    # exact damping of the current factors, whatever the preconditioner's mode
+    opt, grads, steps, factors = step_after_stale_decomposition(refine_iterations=30)
+    for grad, step, (a, g) in zip(grads, steps, factors):
+        dense = th.kron(g, a) + damping * th.eye(a.shape[0] * g.shape[0], dtype=th.float64)
+        th.testing.assert_close(step, th.linalg.solve(dense, grad.flatten()).reshape(grad.shape))
+    # without refinement the step follows the stale decomposition: the test above is not vacuous
+    _, grads, stale_steps, factors = step_after_stale_decomposition(refine_iterations=0)
+    assert all(not th.allclose(a, b, rtol=1e-3, atol=0.0) for a, b in zip(steps, stale_steps))
+
+    # a few iterations only: still V^T (A ⊗ G + λI) V = V^T ∇ (CG from zero), so the trust region stays exact
+    opt, grads, steps, factors = step_after_stale_decomposition(refine_iterations=2)
+    vfv = sum(float(s.flatten() @ _dense_kfac([f], damping) @ s.flatten()) for s, f in zip(steps, factors))
+    assert opt.last_vfv[0] == pytest.approx(vfv, rel=1e-9)
+    assert opt.last_vfv[0] == pytest.approx(sum(float((s * g).sum()) for s, g in zip(steps, grads)), rel=1e-9)
+
+
+def test_refinement_keeps_a_zero_gradient_zero_and_a_nan_nan():
+    model = _mlp()
+    opt = KFAC(model, lr=1.0, kfac_update=100, refine_iterations=3)
+    _fit_statistics(model, opt)
+    opt.zero_grad()
+    (model(th.randn(4, 3, dtype=th.float64))[:, 0] * 0.0).sum().backward()  # all gradients exactly zero
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    assert all(th.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert opt.counters["skipped_steps"] == 0
+    _loss_and_grads(model, opt)
+    model[0].weight.grad[0, 0] = float("nan")
+    opt.step()
+    assert opt.counters["skipped_steps"] == 1
+    assert all(th.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_step_quadratic_kl_within_clip(momentum):
     model = _mlp()
@@ -537,6 +594,8 @@ def test_learning_rate_is_read_from_param_groups():
         (dict(cold_iter=-1), ValueError, "cold_iter"),
         (dict(weight_decay="0.1"), TypeError, "weight_decay"),
         (dict(inverse="cholesky"), ValueError, "inverse"),
+        (dict(refine_iterations=-1), ValueError, "refine_iterations"),
+        (dict(refine_iterations=1.5), TypeError, "refine_iterations"),
         (dict(modules=[nn.ReLU()]), TypeError, "modules"),
     ],
 )

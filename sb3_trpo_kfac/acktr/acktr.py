@@ -87,6 +87,9 @@ class ACKTR(OnPolicyAlgorithm):
         ``async_decomposition``). CartPole MLP, 8 envs x 5 steps, decompositions every update, quiet 2-core
         machine: 1.33-1.48x A2C's time per step instead of 1.59-1.67x. Off by default: the one-update-old basis
         learned CartPole slower (median steps to 475 over seeds 0-9: 42,440 instead of 20,680).
+    :param kfac_refine: Conjugate-gradient iterations per update on the current K-FAC factors, preconditioned by
+        the last decomposition (``KFAC``'s ``refine_iterations``): with ``kfac_update > 1`` or ``kfac_async`` the
+        step then follows the current statistics although the decompositions lag behind. 0: no refinement.
     :param vf_fisher_coef: Weight of the value head's Gaussian likelihood in the Fisher loss
     :param cold_iter: Number of initial updates done with plain momentum SGD (gradient clipped to
         ``max_grad_norm``) while the statistics warm up
@@ -138,6 +141,7 @@ class ACKTR(OnPolicyAlgorithm):
         kfac_inverse: str = "eigen",
         kfac_low_rank: int | None = None,
         kfac_async: bool = False,
+        kfac_refine: int = 0,
         vf_fisher_coef: float = 1.0,
         cold_iter: int = 0,
         stats_window_size: int = 100,
@@ -179,6 +183,7 @@ class ACKTR(OnPolicyAlgorithm):
         if not isinstance(kfac_async, bool):
             raise TypeError(f"`kfac_async` must be a bool, got {type(kfac_async).__name__}")
         self.kfac_async = kfac_async
+        self.kfac_refine = check_int("kfac_refine", kfac_refine, 0)
         self.vf_fisher_coef = check_float("vf_fisher_coef", vf_fisher_coef, 0.0)
         self.cold_iter = check_int("cold_iter", cold_iter, 0)
 
@@ -248,6 +253,7 @@ class ACKTR(OnPolicyAlgorithm):
             inverse=self.kfac_inverse,
             low_rank=self.kfac_low_rank,
             async_decomposition=self.kfac_async,
+            refine_iterations=self.kfac_refine,
         )
 
     def train(self) -> None:

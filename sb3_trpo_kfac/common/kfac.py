@@ -181,6 +181,14 @@ class KFAC(th.optim.Optimizer):
         ``"inverse"`` modes run their whole computation there), so this helps with at least two cores. Results are
         deterministic: the swap happens at a fixed point (the next :meth:`step`, :meth:`precondition` or
         :meth:`state_dict`); :meth:`load_state_dict` and :meth:`update_preconditioner` discard a pending job.
+    :param refine_iterations: if > 0, each step solves ``(A ⊗ G + λI) V = ∇`` for the *current* factors by this
+        many iterations of preconditioned conjugate gradient, the last decomposition being the preconditioner
+        (started from zero: the first iterate is that decomposition's solve, rescaled along the current
+        curvature). With ``kfac_update > 1`` or ``async_decomposition`` the decompositions then only serve as a
+        preconditioner, so they can lag behind the statistics without the step doing so. Each iteration costs one
+        product ``G X A`` and one preconditioner solve per block. CG keeps ``⟨V, (A ⊗ G + λI) V⟩ = ⟨V, ∇⟩``, so the
+        trust region stays exact. Blocks with a low-rank input factor are not refined (their product would cost
+        what ``low_rank`` saves).
     :param modules: layers to cover (default: every ``nn.Linear`` / ``nn.Conv2d`` in ``model``)
     :param params: parameters to optimize (default: all parameters of ``model`` that require grad), or
         parameter groups (dicts with ``"params"`` and optionally ``"lr"``, ``"momentum"``, ``"kfac_clip"``), one
@@ -203,6 +211,7 @@ class KFAC(th.optim.Optimizer):
         low_rank: int | None = None,
         low_rank_min_dim: int = 1024,
         async_decomposition: bool = False,
+        refine_iterations: int = 0,
         modules: Iterable[nn.Module] | None = None,
         params: Iterable[nn.Parameter] | None = None,
     ) -> None:
@@ -228,6 +237,7 @@ class KFAC(th.optim.Optimizer):
         if not isinstance(async_decomposition, bool):
             raise TypeError(f"`async_decomposition` must be a bool, got {type(async_decomposition).__name__}")
         self.async_decomposition = async_decomposition
+        self.refine_iterations = check_int("refine_iterations", refine_iterations, 0)
         self._executor: ThreadPoolExecutor | None = None
         # (future, job, stats_updates of its snapshot) of the background decomposition in flight
         self._pending: tuple[Future, CurvatureJob, int] | None = None
@@ -836,12 +846,7 @@ class KFAC(th.optim.Optimizer):
                     for b in present
                 ]
             )
-            if self.inverse == "eigen":
-                q_g, q_a, scale = factors
-                solved = q_g @ ((q_g.transpose(1, 2) @ mats @ q_a) * scale) @ q_a.transpose(1, 2)
-            else:
-                g_inv, a_inv = factors
-                solved = g_inv @ mats @ a_inv
+            solved = self._refine(present, factors, mats) if self.refine_iterations else self._solve_batch(factors, mats)
             terms.append((solved * mats).sum(dim=(1, 2)))
             if term_groups is not None:
                 term_groups.append(block_groups)  # type: ignore[arg-type]  # set with several groups
@@ -864,6 +869,41 @@ class KFAC(th.optim.Optimizer):
             directions[id(block.weight)] = w_dir
             if block.bias is not None:
                 directions[id(block.bias)] = b_dir  # type: ignore[assignment]
+
+    def _solve_batch(self, factors: tuple[th.Tensor, ...], mats: th.Tensor) -> th.Tensor:
+        """The last decomposition's solve of stacked same-shape block matrices (``factors`` from :meth:`_make_batches`)."""
+        if self.inverse == "eigen":
+            q_g, q_a, scale = factors
+            return q_g @ ((q_g.mT @ mats @ q_a) * scale) @ q_a.mT
+        g_inv, a_inv = factors
+        return g_inv @ mats @ a_inv
+
+    def _refine(self, blocks: list[KFACBlock], factors: tuple[th.Tensor, ...], mats: th.Tensor) -> th.Tensor:
+        """
+        ``refine_iterations`` of preconditioned CG on ``(A ⊗ G + λI) X = mats`` per block, with the blocks' current
+        factors and the last decomposition (``factors``) as preconditioner, started from zero. Non-finite input
+        stays non-finite (the step then refuses it).
+        """
+        states = [self.state[b.weight] for b in blocks]
+        g, a = th.stack([st["G"] for st in states]), th.stack([st["A"] for st in states])
+        damping, tiny = self._block_damping(), th.finfo(mats.dtype).tiny
+        residual = mats
+        preconditioned = self._solve_batch(factors, residual)
+        direction, solved = preconditioned, th.zeros_like(mats)
+        r_dot_z = (residual * preconditioned).sum(dim=(1, 2), keepdim=True)
+        for iteration in range(self.refine_iterations):
+            product = th.baddbmm(direction, g, direction @ a, beta=damping)  # (A ⊗ G + λI) vec(direction)
+            # a zero gradient gives 0 / 0: clamping the denominator keeps its step zero (and NaN NaN)
+            alpha = r_dot_z / (direction * product).sum(dim=(1, 2), keepdim=True).clamp(min=tiny)
+            solved = solved + alpha * direction
+            if iteration + 1 == self.refine_iterations:
+                break
+            residual = residual - alpha * product
+            preconditioned = self._solve_batch(factors, residual)
+            r_dot_z_next = (residual * preconditioned).sum(dim=(1, 2), keepdim=True)
+            direction = preconditioned + (r_dot_z_next / r_dot_z.clamp(min=tiny)) * direction
+            r_dot_z = r_dot_z_next
+        return solved
 
     def _make_batches(self) -> list[tuple[list[KFACBlock], tuple[th.Tensor, ...], th.Tensor | None]]:
         """Group the full-rank blocks with curvature by matrix shape and stack their solve factors."""
