@@ -258,6 +258,19 @@ def test_step_quadratic_kl_within_clip(momentum):
     assert quadratic == pytest.approx(kfac_clip * (1 - momentum) ** 2, rel=1e-6)
 
 
+def test_decompositions_follow_statistics_that_come_less_often_than_steps():
+    model = _mlp()
+    opt = KFAC(model, kfac_update=3)
+    for step in range(10):
+        if step % 3 == 0:
+            _fit_statistics(model, opt, batches=1)
+        _loss_and_grads(model, opt)
+        opt.step()
+        # each statistics update is decomposed by the step that follows it, not up to kfac_update - 1 steps later
+        assert opt.counters["stats_at_curvature"] == opt.counters["stats_updates"]
+    assert opt.counters["curvature_updates"] == 4
+
+
 def test_each_parameter_group_is_its_own_trust_region():
     model = _mlp()
     first, second = model[0], model[2]

@@ -74,6 +74,8 @@ class ACKTR(OnPolicyAlgorithm):
     :param momentum: Momentum of the K-FAC update (the step is η (1 − momentum) times the momentum buffer)
     :param stats_decay: Running-average factor of the Kronecker factors
     :param kfac_update: Recompute the eigendecompositions (or inverses) of the factors every this many updates
+        (at the first update with new statistics once this many have passed, so with ``kfac_stats_interval``
+        they follow the statistics)
     :param kfac_stats_interval: Update the K-FAC statistics every this many updates (1: every update; larger
         values save the extra backward pass and factor products). The running averages then decay by
         ``stats_decay ** kfac_stats_interval`` per statistics update, so their memory in updates is unchanged.

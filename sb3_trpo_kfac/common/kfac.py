@@ -159,7 +159,9 @@ class KFAC(th.optim.Optimizer):
         the first batch initialises them
     :param damping: Tikhonov damping λ added to the Kronecker-factored Fisher
     :param kfac_clip: trust-region radius κ on ``lr² Vᵀ F V``
-    :param kfac_update: recompute eigendecompositions (or inverses) every this many steps
+    :param kfac_update: recompute eigendecompositions (or inverses) at the first step with new statistics at least
+        this many steps after the last recomputation (every ``kfac_update`` steps when statistics come every step;
+        right after the statistics when they come less often)
     :param weight_decay: L2 coefficient added to the gradient (and to the damping of the blocks)
     :param cold_iter: number of initial steps that use plain momentum SGD with gradient-norm clipping
         (statistics are still gathered during them)
@@ -271,6 +273,7 @@ class KFAC(th.optim.Optimizer):
             skipped_stats=0,  # statistics refused because they were not finite
             curvature_updates=0,  # eigendecompositions / inversions of all factors
             stats_at_curvature=0,  # stats_updates at the last curvature update
+            steps_at_curvature=0,  # steps at the last step that started a curvature update
             decomposition_failures=0,  # factors whose decomposition failed (previous one kept)
         )
         # stacked solve factors of same-shape blocks, rebuilt after every curvature update
@@ -759,8 +762,9 @@ class KFAC(th.optim.Optimizer):
             self._join_pending()  # the decomposition started at the previous step, one update old
         new_stats = self.counters["stats_updates"] > self.counters["stats_at_curvature"]
         first = self.counters["curvature_updates"] == 0
-        due = first or self.counters["steps"] % self.kfac_update == 0
+        due = first or self.counters["steps"] - self.counters["steps_at_curvature"] >= self.kfac_update
         if refresh_curvature and new_stats and due:
+            self.counters["steps_at_curvature"] = self.counters["steps"]
             if self.async_decomposition and not first:
                 # decomposed in the background while the caller does other work (e.g. the next rollout);
                 # this step keeps the current basis, the next one swaps the new basis in
