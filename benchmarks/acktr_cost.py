@@ -15,8 +15,9 @@ cycles of the amortized settings. Printed: the ratio of total times and the medi
   benchmarks/acktr_sample_efficiency.py, the fastest to learn there);
 - mlp "fresh async": the same with ``kfac_async=True``: the eigendecompositions run in a background thread
   overlapped with the next rollout (each update uses the previous update's basis);
-- mlp "amortized": eigendecompositions every 10 updates, statistics every 4 (cheaper, learns CartPole slower);
-  "amortized async" the same with ``kfac_async=True``;
+- mlp "every 4": statistics every 4 updates, each decomposed at once (the three updates in between reuse them);
+  "every 4 async refine": the decompositions in the background (one update late), that update refined by one CG
+  iteration on the current factors (``kfac_refine=1``); "every 10": statistics and decompositions every 10 updates;
 - mlp "statistics only": statistics every update, no decomposition after the first (the floor of fresh
   statistics);
 - cnn: statistics every 10 updates, factored-damping inverses every 10, rank-128 input factor for the
@@ -42,8 +43,9 @@ ACKTR_KWARGS: dict[str, dict[str, dict[str, Any]]] = {
     "mlp": {
         "fresh": dict(kfac_update=1, kfac_async=False),
         "fresh async": dict(kfac_update=1, kfac_async=True),
-        "amortized": dict(kfac_update=10, kfac_stats_interval=4, kfac_async=False),
-        "amortized async": dict(kfac_update=10, kfac_stats_interval=4, kfac_async=True),
+        "every 4": dict(kfac_stats_interval=4, kfac_update=4, kfac_async=False),
+        "every 4 async refine": dict(kfac_stats_interval=4, kfac_update=4, kfac_async=True, kfac_refine=1),
+        "every 10": dict(kfac_stats_interval=10, kfac_update=10, kfac_async=False),
         # the floor of fresh statistics: no decomposition after the first one
         "statistics only": dict(kfac_update=10**9, kfac_async=False),
     },

@@ -215,6 +215,22 @@ def test_refinement_solves_the_current_factors_with_a_stale_decomposition(invers
     assert opt.last_vfv[0] == pytest.approx(sum(float((s * g).sum()) for s, g in zip(steps, grads)), rel=1e-9)
 
 
+def test_refinement_only_runs_when_statistics_came_after_the_decomposition(monkeypatch):
+    model = _mlp()
+    opt = KFAC(model, kfac_update=2, refine_iterations=2)
+    refined = []
+    original = opt._refine
+    monkeypatch.setattr(opt, "_refine", lambda *args: refined.append(opt.counters["steps"]) or original(*args))
+    for new_statistics in (True, True, False, False):
+        if new_statistics:
+            _fit_statistics(model, opt, batches=1)
+        _loss_and_grads(model, opt)
+        opt.step()
+    # step 1 decomposes its statistics, step 2 is not due (refined), step 3 decomposes step 2's, step 4 has no new
+    # ones; one call per batch of same-shape blocks
+    assert refined == [2, 2]
+
+
 def test_refinement_keeps_a_zero_gradient_zero_and_a_nan_nan():
     model = _mlp()
     opt = KFAC(model, lr=1.0, kfac_update=100, refine_iterations=3)
