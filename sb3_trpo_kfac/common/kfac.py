@@ -879,11 +879,12 @@ class KFAC(th.optim.Optimizer):
 
     def _solve_batch(self, factors: tuple[th.Tensor, ...], mats: th.Tensor) -> th.Tensor:
         """The last decomposition's solve of stacked same-shape block matrices (``factors`` from :meth:`_make_batches`)."""
+        # th.bmm rather than @: the generic matmul's broadcasting checks cost more than these small products
         if self.inverse == "eigen":
             q_g, q_g_t, q_a, q_a_t, scale = factors
-            return q_g @ ((q_g_t @ mats @ q_a) * scale) @ q_a_t
+            return th.bmm(th.bmm(q_g, th.bmm(th.bmm(q_g_t, mats), q_a) * scale), q_a_t)
         g_inv, a_inv = factors
-        return g_inv @ mats @ a_inv
+        return th.bmm(th.bmm(g_inv, mats), a_inv)
 
     def _refine(self, blocks: list[KFACBlock], factors: tuple[th.Tensor, ...], mats: th.Tensor) -> th.Tensor:
         """
@@ -899,7 +900,7 @@ class KFAC(th.optim.Optimizer):
         direction, solved = preconditioned, th.zeros_like(mats)
         r_dot_z = (residual * preconditioned).sum(dim=(1, 2), keepdim=True)
         for iteration in range(self.refine_iterations):
-            product = th.baddbmm(direction, g, direction @ a, beta=damping)  # (A ⊗ G + λI) vec(direction)
+            product = th.baddbmm(direction, g, th.bmm(direction, a), beta=damping)  # (A ⊗ G + λI) vec(direction)
             # a zero gradient gives 0 / 0: clamping the denominator keeps its step zero (and NaN NaN)
             alpha = r_dot_z / (direction * product).sum(dim=(1, 2), keepdim=True).clamp(min=tiny)
             solved = solved + alpha * direction
