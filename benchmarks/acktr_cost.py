@@ -5,9 +5,9 @@ Wall time per environment step of ACKTR vs SB3's A2C with the same n_envs / n_st
 - MLP: CartPole-v1, 8 envs x 5 steps, default MlpPolicy;
 - CNN: NatureCNN on 84x84x4 frames (SB3's FakeImageEnv), 16 envs x 5 steps.
 
-    python benchmarks/acktr_cost.py [--rounds 100] [--block-mlp 8] [--block-cnn 10]
+    python benchmarks/acktr_cost.py [--rounds-mlp 100] [--rounds-cnn 30] [--block-mlp 8] [--block-cnn 10]
 
-After a warm-up, the models are timed in turn, ``--block-*`` updates each, for ``--rounds`` rounds: short
+After a warm-up, the models are timed in turn, ``--block-*`` updates each, for ``--rounds-*`` rounds: short
 interleaved blocks spread any drift of the machine (frequency, neighbours) over all of them; a block covers whole
 cycles of the amortized settings. Printed: the ratio of total times and the median of the per-round ratios, the
 figure to read on a shared machine (on ours, neighbouring blocks of the same model differed by up to 2x, and a few
@@ -76,7 +76,8 @@ def timed_learn(model: BaseAlgorithm, updates: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=100)
+    parser.add_argument("--rounds-mlp", type=int, default=100)
+    parser.add_argument("--rounds-cnn", type=int, default=30)
     parser.add_argument("--block-mlp", type=int, default=8, help="updates per model and round, MLP case")
     parser.add_argument("--block-cnn", type=int, default=10, help="updates per model and round, CNN case")
     parser.add_argument("--cases", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
@@ -87,6 +88,7 @@ def main() -> None:
     for case in args.cases:
         policy = "MlpPolicy" if case == "mlp" else "CnnPolicy"
         block = args.block_mlp if case == "mlp" else args.block_cnn
+        rounds = args.rounds_mlp if case == "mlp" else args.rounds_cnn
         a2c = A2C(policy, make_env(case, 0), n_steps=5, seed=0, device="cpu")
         acktrs = {
             label: ACKTR(policy, make_env(case, 0), n_steps=5, seed=0, device="cpu", **kwargs)
@@ -97,16 +99,16 @@ def main() -> None:
         for model in models.values():  # warm-up (allocations, first decompositions)
             timed_learn(model, max(2 * block, 11))
         times: dict[str, list[float]] = {name: [] for name in models}
-        for _ in range(args.rounds):
+        for _ in range(rounds):
             for name, model in models.items():
                 times[name].append(timed_learn(model, block))
-        steps = args.rounds * block * a2c.n_steps * a2c.n_envs
+        steps = rounds * block * a2c.n_steps * a2c.n_envs
         a2c_total = sum(times["A2C"])
         for label in acktrs:
             per_round = sorted(t / t_a2c for t, t_a2c in zip(times[label], times["A2C"]))
             print(
                 f"{case} {label}: A2C {a2c_total / steps * 1e3:.3f} ms/step, ACKTR {sum(times[label]) / steps * 1e3:.3f} "
-                f"ms/step, ratio {sum(times[label]) / a2c_total:.3f} (median of {args.rounds} rounds "
+                f"ms/step, ratio {sum(times[label]) / a2c_total:.3f} (median of {rounds} rounds "
                 f"{per_round[len(per_round) // 2]:.3f})  ACKTR settings {ACKTR_KWARGS[case][label]}",
                 flush=True,
             )

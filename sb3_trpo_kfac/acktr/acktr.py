@@ -87,11 +87,13 @@ class ACKTR(OnPolicyAlgorithm):
         the next rollout: each update then uses the basis of the previous update's statistics (the first one is
         computed synchronously). Deterministic; needs a free second CPU core to pay off (see ``KFAC``'s
         ``async_decomposition``). CartPole MLP, 8 envs x 5 steps, decompositions every update, quiet 2-core
-        machine: 1.33-1.48x A2C's time per step instead of 1.59-1.67x. Off by default: the one-update-old basis
-        learned CartPole slower (median steps to 475 over seeds 0-9: 42,440 instead of 20,680).
-    :param kfac_refine: Conjugate-gradient iterations per update on the current K-FAC factors, preconditioned by
-        the last decomposition (``KFAC``'s ``refine_iterations``): with ``kfac_update > 1`` or ``kfac_async`` the
-        step then follows the current statistics although the decompositions lag behind. 0: no refinement.
+        machine: 1.33-1.48x A2C's time per step instead of 1.59-1.67x. Off by default (it starts a thread); the
+        shipped CartPole-v1 entry uses it with ``kfac_refine=1``, which makes the update that waits for the new
+        basis solve its own statistics anyway.
+    :param kfac_refine: Conjugate-gradient iterations on the current K-FAC factors, preconditioned by the last
+        decomposition, in the updates whose statistics are newer than it (``KFAC``'s ``refine_iterations``): with
+        ``kfac_update > 1`` or ``kfac_async`` the step then follows the current statistics although the
+        decompositions lag behind. 0 (default): no refinement.
     :param vf_fisher_coef: Weight of the value head's Gaussian likelihood in the Fisher loss
     :param cold_iter: Number of initial updates done with plain momentum SGD (gradient clipped to
         ``max_grad_norm``) while the statistics warm up
