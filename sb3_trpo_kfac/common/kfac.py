@@ -897,20 +897,21 @@ class KFAC(th.optim.Optimizer):
         damping, tiny = self._block_damping(), th.finfo(mats.dtype).tiny
         residual = mats
         preconditioned = self._solve_batch(factors, residual)
-        direction, solved = preconditioned, th.zeros_like(mats)
+        direction, solved = preconditioned, None
         r_dot_z = (residual * preconditioned).sum(dim=(1, 2), keepdim=True)
         for iteration in range(self.refine_iterations):
             product = th.baddbmm(direction, g, th.bmm(direction, a), beta=damping)  # (A ⊗ G + λI) vec(direction)
             # a zero gradient gives 0 / 0: clamping the denominator keeps its step zero (and NaN NaN)
             alpha = r_dot_z / (direction * product).sum(dim=(1, 2), keepdim=True).clamp(min=tiny)
-            solved = solved + alpha * direction
+            solved = alpha * direction if solved is None else th.addcmul(solved, alpha, direction)
             if iteration + 1 == self.refine_iterations:
                 break
-            residual = residual - alpha * product
+            residual = th.addcmul(residual, alpha, product, value=-1.0)
             preconditioned = self._solve_batch(factors, residual)
             r_dot_z_next = (residual * preconditioned).sum(dim=(1, 2), keepdim=True)
-            direction = preconditioned + (r_dot_z_next / r_dot_z.clamp(min=tiny)) * direction
+            direction = th.addcmul(preconditioned, r_dot_z_next / r_dot_z.clamp(min=tiny), direction)
             r_dot_z = r_dot_z_next
+        assert solved is not None  # refine_iterations >= 1 here
         return solved
 
     def _make_batches(self) -> list[tuple[list[KFACBlock], tuple[th.Tensor, ...], th.Tensor | None]]:
