@@ -183,15 +183,15 @@ class KFAC(th.optim.Optimizer):
         ``"inverse"`` modes run their whole computation there), so this helps with at least two cores. Results are
         deterministic: the swap happens at a fixed point (the next :meth:`step`, :meth:`precondition` or
         :meth:`state_dict`); :meth:`load_state_dict` and :meth:`update_preconditioner` discard a pending job.
-    :param refine_iterations: if > 0, each step solves ``(A ⊗ G + λI) V = ∇`` for the *current* factors by this
-        many iterations of preconditioned conjugate gradient, the last decomposition being the preconditioner
-        (started from zero: the first iterate is that decomposition's solve, rescaled along the current
-        curvature). With ``kfac_update > 1`` or ``async_decomposition`` the decompositions then only serve as a
-        preconditioner, so they can lag behind the statistics without the step doing so. Each iteration costs one
-        product ``G X A`` and one preconditioner solve per block; steps whose decomposition is of the current
-        factors (no statistics since) solve exactly without it. CG keeps ``⟨V, (A ⊗ G + λI) V⟩ = ⟨V, ∇⟩``, so the
-        trust region stays exact. Blocks with a low-rank input factor are not refined (their product would cost
-        what ``low_rank`` saves).
+    :param refine_iterations: if > 0, a step whose factors got statistics after the last decomposition solves
+        ``(A ⊗ G + λI) V = ∇`` for the *current* factors by this many iterations of preconditioned conjugate gradient,
+        that decomposition being the preconditioner (started from zero: the first iterate is the decomposition's
+        solve, rescaled along the current curvature). With ``kfac_update > 1`` or ``async_decomposition`` the steps
+        then follow the statistics although the decompositions lag behind. Each iteration costs one product
+        ``G X A`` and one preconditioner solve per block; steps whose decomposition is of the current factors solve
+        exactly without it. CG keeps ``⟨V, (A ⊗ G + λI) V⟩ = ⟨V, ∇⟩``, so the trust region stays exact. Blocks with
+        a low-rank input factor are not refined (their product would cost what ``low_rank`` saves), nor are the
+        solves of :meth:`precondition`.
     :param modules: layers to cover (default: every ``nn.Linear`` / ``nn.Conv2d`` in ``model``)
     :param params: parameters to optimize (default: all parameters of ``model`` that require grad), or
         parameter groups (dicts with ``"params"`` and optionally ``"lr"``, ``"momentum"``, ``"kfac_clip"``), one
@@ -897,13 +897,13 @@ class KFAC(th.optim.Optimizer):
         damping, tiny = self._block_damping(), th.finfo(mats.dtype).tiny
         residual = mats
         preconditioned = self._solve_batch(factors, residual)
-        direction, solved = preconditioned, None
+        direction, solved = preconditioned, th.zeros_like(mats)
         r_dot_z = (residual * preconditioned).sum(dim=(1, 2), keepdim=True)
         for iteration in range(self.refine_iterations):
             product = th.baddbmm(direction, g, th.bmm(direction, a), beta=damping)  # (A ⊗ G + λI) vec(direction)
-            # a zero gradient gives 0 / 0: clamping the denominator keeps its step zero (and NaN NaN)
+            # a zero gradient gives 0 / 0: the clamped denominator keeps its step zero and lets a NaN through
             alpha = r_dot_z / (direction * product).sum(dim=(1, 2), keepdim=True).clamp(min=tiny)
-            solved = alpha * direction if solved is None else th.addcmul(solved, alpha, direction)
+            solved = th.addcmul(solved, alpha, direction)
             if iteration + 1 == self.refine_iterations:
                 break
             residual = th.addcmul(residual, alpha, product, value=-1.0)
@@ -911,7 +911,6 @@ class KFAC(th.optim.Optimizer):
             r_dot_z_next = (residual * preconditioned).sum(dim=(1, 2), keepdim=True)
             direction = th.addcmul(preconditioned, r_dot_z_next / r_dot_z.clamp(min=tiny), direction)
             r_dot_z = r_dot_z_next
-        assert solved is not None  # refine_iterations >= 1 here
         return solved
 
     def _make_batches(self) -> list[tuple[list[KFACBlock], tuple[th.Tensor, ...], th.Tensor | None]]:
