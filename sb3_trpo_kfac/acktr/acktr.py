@@ -87,7 +87,7 @@ class ACKTR(OnPolicyAlgorithm):
         the next rollout: each update then uses the basis of the previous update's statistics (the first one is
         computed synchronously). Deterministic; needs a free second CPU core to pay off (see ``KFAC``'s
         ``async_decomposition``). CartPole MLP, 8 envs x 5 steps, decompositions every update, quiet 2-core
-        machine: 1.33-1.48x A2C's time per step instead of 1.59-1.67x. Off by default (it starts a thread); the
+        machine: 1.33-1.48x A2C's time per step instead of 1.55-1.67x. Off by default (it starts a thread); the
         shipped CartPole-v1 entry uses it with ``kfac_refine=1``, which makes the update that waits for the new
         basis solve its own statistics anyway.
     :param kfac_refine: Conjugate-gradient iterations on the current K-FAC factors, preconditioned by the last
