@@ -40,8 +40,8 @@ A2C_BUDGET = 500_000
 #   A2C                              seeds 0-4 56,960, 0-19 79,480
 #   ACKTR (these)                    seeds 0-4 24,720, 0-19 33,960
 #   ACKTR fresh (kfac_update=1 and statistics every update)  seeds 0-4 29,280, 0-19 29,760
-# Both algorithms are bimodal across seeds and a run is chaotic (a change of rounding moves a seed by up to 5x): a
-# median over 5 seeds moves by about half between seed sets, so compare settings on 20 seeds.
+# Both algorithms are bimodal across seeds and a run is chaotic (a change of rounding moves a seed by 4x and
+# more): a median over 5 seeds moves by about half between seed sets, so compare settings on 20 seeds.
 ACKTR_SETTINGS: dict[str, Any] = dict(
     n_envs=8, n_steps=10, ent_coef=0.0, kfac_clip=0.01, kfac_stats_interval=8, kfac_update=8, kfac_async=True, kfac_refine=1
 )
