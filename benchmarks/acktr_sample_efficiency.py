@@ -34,9 +34,9 @@ A2C_BUDGET = 500_000
 # 0.25, vf_coef 0.25, momentum 0.9, damping 0.01, stats_decay 0.99). kfac_clip 0.01 instead of the paper's 0.001 and
 # n_steps 10 instead of 20 were chosen on 5 seeds; learning rate 0.1 / 0.5, kfac_clip 0.001 / 0.05, ent_coef 0.01,
 # damping 0.1, stats_decay 0.95, normalized advantages and a linear learning-rate decay were all slower (2-12 seeds
-# each, docs/performance.md). The cadence (statistics and background eigendecompositions every 8 updates, one CG refinement) learns as
-# fast as fresh statistics and decompositions at every update at a fraction of the cost. Seeds 0-19 (2026-11-22;
-# step counts do not depend on the machine), median steps to 475:
+# each, docs/performance.md). The cadence (statistics and background eigendecompositions every 8 updates, one CG
+# refinement) learns as fast as fresh statistics and decompositions at every update at a fraction of the cost.
+# Seeds 0-19 (2026-11-22; step counts do not depend on the machine), median steps to 475:
 #   A2C                              seeds 0-4 56,960, 0-19 79,480
 #   ACKTR (these)                    seeds 0-4 24,720, 0-19 33,960
 #   ACKTR fresh (kfac_update=1 and statistics every update)  seeds 0-4 29,280, 0-19 29,760
