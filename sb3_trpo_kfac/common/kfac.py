@@ -149,7 +149,7 @@ class KFAC(th.optim.Optimizer):
 
     Statistics: call the model inside :meth:`collect`, then :meth:`update_statistics` with a sum-reduced
     *sampled* negative log-likelihood (the Fisher loss). Running averages of ``A`` and ``G`` are
-    eigendecomposed (or inverted) every ``kfac_update`` calls of :meth:`step`.
+    eigendecomposed (or inverted) by :meth:`step` every ``kfac_update`` calls, once new statistics exist.
     Steps before any statistics exist use the raw gradient (inside the same trust region).
 
     :param model: the module whose ``nn.Linear`` / ``nn.Conv2d`` layers get K-FAC blocks
