@@ -161,6 +161,23 @@ def test_vf_kfac_clip_gives_the_critic_its_own_trust_region():
     assert optimizer.last_nu[0] < 1.0, "the actor's small radius should bind"
 
 
+def test_refined_steps_keep_each_trust_region(monkeypatch):
+    model = ACKTR(
+        "MlpPolicy", IdentityEnvBox(eps=0.5), n_steps=8, kfac_clip=0.001, vf_kfac_clip=0.5, kfac_update=100,
+        kfac_refine=2, seed=0, device="cpu",
+    )
+    optimizer = model.policy.optimizer
+    refined = []
+    original = optimizer._refine
+    monkeypatch.setattr(optimizer, "_refine", lambda *args: refined.append(1) or original(*args))
+    model.learn(8 * 5)
+    assert refined and optimizer.counters["curvature_updates"] == 1  # updates 2-5 solve the newer factors by CG
+    logged = model.logger.name_to_value
+    assert logged["train/kfac_quadratic_kl"] <= 0.001 * (1 + 1e-6)
+    assert logged["train/vf_kfac_quadratic_kl"] <= 0.5 * (1 + 1e-6)
+    assert all(th.isfinite(p).all() for p in model.policy.parameters())
+
+
 def test_extra_critic_steps_fit_the_value_and_leave_the_actor():
     def run(n_critic_updates: int) -> ACKTR:
         env = make_vec_env("CartPole-v1", n_envs=2, seed=0)
