@@ -190,8 +190,7 @@ class KFAC(th.optim.Optimizer):
         then follow the statistics although the decompositions lag behind. Each iteration costs one product
         ``G X A`` and one preconditioner solve per block; steps whose decomposition is of the current factors solve
         exactly without it. CG keeps ``⟨V, (A ⊗ G + λI) V⟩ = ⟨V, ∇⟩``, so the trust region stays exact. Blocks with
-        a low-rank input factor are not refined (their product would cost what ``low_rank`` saves), nor are the
-        solves of :meth:`precondition`.
+        a low-rank input factor are not refined (their product would cost what ``low_rank`` saves).
     :param modules: layers to cover (default: every ``nn.Linear`` / ``nn.Conv2d`` in ``model``)
     :param params: parameters to optimize (default: all parameters of ``model`` that require grad), or
         parameter groups (dicts with ``"params"`` and optionally ``"lr"``, ``"momentum"``, ``"kfac_clip"``), one
@@ -666,31 +665,28 @@ class KFAC(th.optim.Optimizer):
             self._pending[0].cancel()
             self._pending = None
 
-    def _solve(self, block: KFACBlock, mat: th.Tensor) -> th.Tensor | None:
-        """``(A ⊗ G + λI)⁻¹ vec(mat)`` for one block matrix, or None if the block has no curvature yet."""
+    def _solve_unbatched(self, block: KFACBlock, mat: th.Tensor) -> th.Tensor | None:
+        """
+        ``(A ⊗ G + λI)⁻¹ vec(mat)`` for a block outside :meth:`_make_batches`'s batches: one with a low-rank input
+        factor, or None if the block has no curvature yet.
+        """
         state = self.state[block.weight]
+        if "sA" not in state or not self._is_low_rank(state["A"].shape[0]):
+            return None
+        q_a = state["QA"]
         if self.inverse == "eigen":
-            if "QA" not in state or "QG" not in state:
+            if "QG" not in state:
                 return None
-            q_a, q_g, damping = state["QA"], state["QG"], self._block_damping()
+            q_g, damping = state["QG"], self._block_damping()
             rotated = q_g.T @ mat
-            if "sA" not in state or not self._is_low_rank(state["A"].shape[0]):
-                rotated = rotated @ q_a
-                rotated = rotated / (th.outer(state["dG"], state["dA"]) + damping)
-                return q_g @ rotated @ q_a.T
-            # low-rank A: kept eigenvectors get λ_G λ_A + λ, their complement λ_G σ + λ
+            # kept eigenvectors of A get λ_G λ_A + λ, their complement λ_G σ + λ
             kept = rotated @ q_a
             rest = (state["dG"] * state["sA"] + damping)[:, None]
             kept = kept / (th.outer(state["dG"], state["dA"]) + damping) - kept / rest
             return q_g @ (kept @ q_a.T + rotated / rest)
-        if "G_inv" not in state:
+        if "G_inv" not in state or "wA" not in state:
             return None
         left = state["G_inv"] @ mat
-        if "A_inv" in state and not self._is_low_rank(state["A"].shape[0]):
-            return left @ state["A_inv"]
-        if "wA" not in state:
-            return None
-        q_a = state["QA"]
         return ((left @ q_a) * (state["wA"] - state["wA_rest"])) @ q_a.T + left * state["wA_rest"]
 
     def precondition(self, params: Sequence[nn.Parameter], vectors: Sequence[th.Tensor]) -> list[th.Tensor]:
@@ -698,9 +694,10 @@ class KFAC(th.optim.Optimizer):
         Apply the current K-FAC inverse to vectors given per parameter (e.g. as a CG preconditioner).
 
         For a covered layer, weight and bias vectors are solved jointly (a missing one counts as zero and is not
-        returned); other vectors, and layers without statistics, are returned unchanged. The current
-        eigenbasis / inverses are used (computed now if statistics exist but were never decomposed); call
-        :meth:`update_preconditioner` to refresh them after :meth:`update_statistics`.
+        returned); other vectors, and layers without statistics, are returned unchanged. The solve of
+        :meth:`step` is used: the current eigenbasis / inverses (computed now if statistics exist but were never
+        decomposed), refined as there if statistics came after them; call :meth:`update_preconditioner` to
+        refresh them after :meth:`update_statistics`.
 
         :param params: parameters the vectors belong to
         :param vectors: one tensor per parameter, of the parameter's shape
@@ -712,19 +709,9 @@ class KFAC(th.optim.Optimizer):
         if self.counters["curvature_updates"] == 0 and self.counters["stats_updates"] > 0:
             self.update_preconditioner()
         given = {id(p): v for p, v in zip(params, vectors)}
-        out = {id(p): v for p, v in zip(params, vectors)}
+        out = dict(given)
         with th.no_grad():
-            for block in self.blocks:
-                if not any(id(p) in given for p in block.params):
-                    continue
-                b_vec = given.get(id(block.bias)) if block.bias is not None else None
-                solved = self._solve(block, block.to_matrix(given.get(id(block.weight)), b_vec))
-                if solved is None:
-                    continue
-                w_new, b_new = block.from_matrix(solved)
-                for p, v in ((block.weight, w_new), (block.bias, b_new)):
-                    if p is not None and id(p) in out:
-                        out[id(p)] = v
+            self._precondition_gradients(given, out, None, None)
         return [out[id(p)] for p in params]
 
     # ------------------------------------------------------------------ step
@@ -827,13 +814,13 @@ class KFAC(th.optim.Optimizer):
         self,
         grads: dict[int, th.Tensor],
         directions: dict[int, th.Tensor],
-        terms: list[th.Tensor],
+        terms: list[th.Tensor] | None,
         term_groups: list[th.Tensor] | None,
     ) -> None:
         """
         Replace the gradients of covered layers in ``directions`` by their K-FAC solves; same-shape blocks are
         solved together (batched matmuls keep the per-step overhead small for small networks). Appends the terms
-        ⟨V, ∇⟩ of the solved blocks to ``terms`` and their parameter groups to ``term_groups`` (unless None).
+        ⟨V, ∇⟩ of the solved blocks to ``terms`` and their parameter groups to ``term_groups`` (each unless None).
         """
         if self._batches is None:
             self._batches = self._make_batches()
@@ -854,7 +841,8 @@ class KFAC(th.optim.Optimizer):
                 ]
             )
             solved = self._refine(present, factors, mats) if refine else self._solve_batch(factors, mats)
-            terms.append((solved * mats).sum(dim=(1, 2)))
+            if terms is not None:
+                terms.append((solved * mats).sum(dim=(1, 2)))
             if term_groups is not None:
                 term_groups.append(block_groups)  # type: ignore[arg-type]  # set with several groups
             for block, mat in zip(present, solved.unbind(0)):
@@ -866,10 +854,11 @@ class KFAC(th.optim.Optimizer):
             if id(block.weight) not in grads and (block.bias is None or id(block.bias) not in grads):
                 continue
             mat = block.to_matrix(grads.get(id(block.weight)), grads.get(id(block.bias)) if block.bias is not None else None)
-            solved = self._solve(block, mat)
+            solved = self._solve_unbatched(block, mat)
             if solved is None:
                 continue
-            terms.append((solved * mat).sum().reshape(1))
+            if terms is not None:
+                terms.append((solved * mat).sum().reshape(1))
             if term_groups is not None:
                 term_groups.append(th.full((1,), self._block_group[block], device=mat.device))
             w_dir, b_dir = block.from_matrix(solved)
