@@ -337,6 +337,114 @@ def test_step_without_curvature_refresh_keeps_basis_and_schedule():
     assert counters["curvature_updates"] == 2 and counters["updates"] == 2 and opt.last_nu == [1.0]
 
 
+
+def test_conv_step_matches_dense_solve():
+    th.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3, stride=2, padding=1, dilation=1)
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(3 * 3 * 3, 2)).double()
+    damping = 0.05
+    opt = KFAC(model, lr=1.0, momentum=0.0, kfac_clip=1e9, damping=damping)
+    for _ in range(3):
+        with opt.collect():
+            out = model(th.randn(16, 2, 5, 5, dtype=th.float64))
+        opt.update_statistics(_sample_loss(out, th.randn(16, 2, dtype=th.float64)))
+    opt.zero_grad()
+    (model(th.randn(8, 2, 5, 5, dtype=th.float64)) ** 3).sum().backward()
+    grads = [_wbar(layer, layer.weight.grad, layer.bias.grad) for layer in (conv, model[3])]
+    before = [_wbar(layer, layer.weight.detach(), layer.bias.detach()).clone() for layer in (conv, model[3])]
+    opt.step()
+    for layer, grad, old in zip((conv, model[3]), grads, before):
+        a, g = opt.state[layer.weight]["A"], opt.state[layer.weight]["G"]
+        expected = th.linalg.solve(_dense_kfac([(a, g)], damping), grad.flatten()).reshape(grad.shape)
+        th.testing.assert_close(old - _wbar(layer, layer.weight.detach(), layer.bias.detach()), expected)
+
+
+
+def test_block_without_statistics_keeps_raw_gradient_beside_a_same_shape_block():
+    th.manual_seed(0)
+    model = nn.ModuleDict({"seen": nn.Linear(3, 2), "unseen": nn.Linear(3, 2)}).double()
+    damping = 0.05
+    opt = KFAC(model, lr=1.0, momentum=0.0, kfac_clip=1e9, damping=damping, refine_iterations=1)
+    x = th.randn(32, 3, dtype=th.float64)
+    with opt.collect():
+        out = model["seen"](x)  # statistics of one of the two same-shape layers only
+    opt.update_statistics(_sample_loss(out, th.randn(32, 2, dtype=th.float64)))
+    opt.zero_grad()
+    ((model["seen"](x) ** 3).sum() + (model["unseen"](x) ** 3).sum()).backward()
+    layers = [model["seen"], model["unseen"]]
+    grads = [_wbar(layer, layer.weight.grad, layer.bias.grad) for layer in layers]
+    before = [_wbar(layer, layer.weight.detach(), layer.bias.detach()).clone() for layer in layers]
+    opt.step()
+    steps = [old - _wbar(layer, layer.weight.detach(), layer.bias.detach()) for layer, old in zip(layers, before)]
+    a, g = opt.state[model["seen"].weight]["A"], opt.state[model["seen"].weight]["G"]
+    expected = th.linalg.solve(_dense_kfac([(a, g)], damping), grads[0].flatten()).reshape(grads[0].shape)
+    th.testing.assert_close(steps[0], expected)
+    th.testing.assert_close(steps[1], grads[1])
+
+def test_parameters_without_gradient_keep_value_and_momentum():
+    model = _mlp()
+    opt = KFAC(model, lr=0.1, momentum=0.5, kfac_clip=0.01)
+    _train_steps(model, opt, 3, seed=0)
+    twin = copy.deepcopy(model)
+    twin_opt = KFAC(twin, lr=0.1, momentum=0.5, kfac_clip=0.01)
+    twin_opt.load_state_dict(opt.state_dict())
+    first_before = [p.detach().clone() for p in model[0].parameters()]
+    first_buffers = [opt.state[p]["momentum_buffer"].clone() for p in model[0].parameters()]
+    x = th.randn(16, 3, dtype=th.float64)
+    for net, optimizer in ((model, opt), (twin, twin_opt)):
+        optimizer.zero_grad()
+        (net[2](th.tanh(net[0](x)).detach()) ** 2).sum().backward()  # no gradient reaches the first layer
+    for p in twin[0].parameters():
+        p.grad = th.zeros_like(p)  # the twin gets zeros instead
+    opt.step()
+    twin_opt.step()
+    # the last layer steps the same (a zero gradient adds nothing to the trust region) ...
+    assert opt.last_vfv == pytest.approx(twin_opt.last_vfv, rel=1e-12)
+    for p, q in zip(model[2].parameters(), twin[2].parameters()):
+        th.testing.assert_close(p, q, rtol=1e-12, atol=1e-15)
+    # ... but only a zero gradient moves the first layer (by its decaying momentum)
+    for p, old, buffer in zip(model[0].parameters(), first_before, first_buffers):
+        assert th.equal(p, old) and th.equal(opt.state[p]["momentum_buffer"], buffer)
+    assert not th.equal(twin[0].weight, first_before[0])
+
+
+def test_precondition_returns_copies():
+    model = _mlp()
+    opt = KFAC(model)
+    _fit_statistics(model, opt)
+    params = list(model[2].parameters())
+    first = opt.precondition(params, [th.ones_like(p) for p in params])
+    kept = [v.clone() for v in first]
+    opt.precondition(params, [th.randn_like(p) for p in params])
+    opt.zero_grad()
+    _loss_and_grads(model, opt)
+    opt.step()
+    assert all(th.equal(v, k) for v, k in zip(first, kept))
+
+
+def test_added_parameter_group_is_its_own_trust_region():
+    model = _mlp()
+    opt = KFAC(model, lr=0.1, kfac_clip=0.01)
+    _train_steps(model, opt, 2, seed=0)
+    twin = copy.deepcopy(model)
+    twin_opt = KFAC(twin, lr=0.1, kfac_clip=0.01)
+    twin_opt.load_state_dict(opt.state_dict())
+    extra = nn.Parameter(th.zeros(3, dtype=th.float64))
+    opt.add_param_group({"params": [extra]})
+    _train_steps(twin, twin_opt, 1, seed=1)
+    gen = th.Generator().manual_seed(1)
+    x, y = th.randn(16, 3, dtype=th.float64, generator=gen), th.randn(16, 2, dtype=th.float64, generator=gen)
+    with opt.collect():
+        out = model(x)
+    opt.update_statistics(_sample_loss(out, y))
+    opt.zero_grad()
+    (F.mse_loss(out, y) + (extra * th.tensor([1.0, 2.0, 3.0], dtype=th.float64)).sum()).backward()
+    opt.step()
+    for p, q in zip(model.parameters(), twin.parameters()):  # the model's momentum moved into the new buffers
+        th.testing.assert_close(p, q, rtol=1e-12, atol=1e-15)
+    nu = min(1.0, (0.01 / (0.1**2 * 14.0)) ** 0.5)  # raw gradient (1, 2, 3): Vᵀ∇ = 14
+    th.testing.assert_close(extra.detach(), -0.1 * (1 - 0.9) * nu * th.tensor([1.0, 2.0, 3.0], dtype=th.float64))
+
 def test_parameter_groups_survive_state_dict():
     model = _mlp()
     groups = [{"params": model[0].parameters(), "kfac_clip": 0.01}, {"params": model[2].parameters(), "lr": 0.05}]
@@ -365,6 +473,7 @@ def test_parameter_groups_survive_state_dict():
         (lambda m: [{"params": m.parameters(), "momentum": 1.0}], ValueError, "momentum"),
         (lambda m: [{"params": m.parameters(), "lr": "0.1"}], TypeError, "lr"),
         (lambda m: [{"params": m[0].parameters()}, m[2].weight], TypeError, "params"),
+        (lambda m: [*m.parameters(), nn.Parameter(th.zeros(2))], TypeError, "dtype"),  # float32 beside float64
     ],
 )
 def test_bad_parameter_groups(params, error, name):

@@ -31,6 +31,7 @@ Each parameter group is its own trust region, with its own ``lr``, ``momentum`` 
 """
 
 import contextlib
+import copy
 import dataclasses
 import math
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -79,21 +80,16 @@ class KFACBlock:
     def params(self) -> list[nn.Parameter]:
         return [self.weight] if self.bias is None else [self.weight, self.bias]
 
-    def to_matrix(self, weight_part: th.Tensor | None, bias_part: th.Tensor | None) -> th.Tensor:
-        """Stack a weight-shaped and a bias-shaped tensor (None: zeros) into the ``out x (in + 1)`` block matrix."""
-        if weight_part is None:
-            weight_part = th.zeros_like(self.weight)
-        mat = weight_part if weight_part.dim() == 2 else weight_part.reshape(weight_part.shape[0], -1)
-        if self.bias is not None:
-            bias_part = th.zeros_like(self.bias) if bias_part is None else bias_part
-            mat = th.cat([mat, bias_part.unsqueeze(1)], dim=1)
-        return mat
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        """Shape ``out x (in + 1)`` of ``W̄`` (``out x in`` without a bias)."""
+        return self.weight.shape[0], self.weight[0].numel() + int(self.bias is not None)
 
     def from_matrix(self, mat: th.Tensor) -> tuple[th.Tensor, th.Tensor | None]:
-        """Inverse of :meth:`to_matrix`."""
+        """Views of a block matrix's weight part (in the weight's shape) and bias column."""
         weight_part = mat if self.bias is None else mat[:, :-1]
         if self.is_conv:
-            weight_part = weight_part.reshape(self.weight.shape)
+            weight_part = weight_part.view(self.weight.shape)  # a view always (a reshape could copy)
         return weight_part, None if self.bias is None else mat[:, -1]
 
     def patches(self, x: th.Tensor) -> tuple[th.Tensor, int]:
@@ -134,6 +130,36 @@ class CurvatureJob:
     eigen_stacks: list[th.Tensor] = dataclasses.field(default_factory=list)
     eigen_results: list[tuple[th.Tensor, th.Tensor] | None] = dataclasses.field(default_factory=list)
     failures: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class SolveBatch:
+    """Same-shape blocks of one parameter group, consecutive in its flat buffers, solved together."""
+
+    blocks: list[KFACBlock]
+    gradients: th.Tensor  # (blocks, out, in + 1) view of GroupBuffers.gradient
+    directions: th.Tensor  # the same view of GroupBuffers.direction
+    # stacked solve factors of the last decomposition (see KFAC._update_factors); None: block by block
+    factors: tuple[th.Tensor, ...] | None = None
+
+
+@dataclasses.dataclass
+class GroupBuffers:
+    """
+    A parameter group's gradients, directions and momentum buffers as three flat tensors of the same layout: the
+    block matrices ``W̄`` batch by batch, then the parameters outside blocks. Each parameter has a view into each,
+    so a step copies the gradients in with one call and updates the momentum with two, whatever the layer count.
+    """
+
+    params: list[nn.Parameter]
+    gradient: th.Tensor
+    direction: th.Tensor
+    momentum: th.Tensor
+    gradient_views: list[th.Tensor]
+    direction_views: list[th.Tensor]
+    momentum_views: list[th.Tensor]
+    batches: list[SolveBatch]
+    raw_start: int  # flat offset of the parameters outside blocks (their direction is the gradient)
 
 
 class KFAC(th.optim.Optimizer):
@@ -276,10 +302,10 @@ class KFAC(th.optim.Optimizer):
             steps_at_curvature=0,  # steps at the last step that started a curvature update
             decomposition_failures=0,  # factors whose decomposition failed (previous one kept)
         )
-        # stacked solve factors of same-shape blocks, rebuilt after every curvature update
-        # (blocks, their stacked solve factors, their parameter groups)
-        self._batches: list[tuple[list[KFACBlock], tuple[th.Tensor, ...], th.Tensor | None]] | None = None
-        self._unbatched: list[KFACBlock] = []
+        # flat buffers per parameter group, built at the first step (and after loading a state); their batches'
+        # solve factors are restacked after every curvature update
+        self._buffers: list[GroupBuffers] | None = None
+        self._factors_stale = True
         # diagnostics of the last step, one entry per parameter group (for logging): trust-region scale ν and
         # lr² Vᵀ F V of the unscaled step
         self.last_nu = [float("nan")] * len(self.param_groups)
@@ -305,6 +331,10 @@ class KFAC(th.optim.Optimizer):
                 check_float("params[...]['momentum']", group["momentum"], 0.0, 1.0, high_inclusive=False)
             tensors = [group["params"]] if isinstance(group["params"], th.Tensor) else list(group["params"])
             unique = list({id(p): p for p in tensors if p.requires_grad}.values())
+            kinds = {(p.dtype, p.device) for p in unique}
+            if len(kinds) > 1:  # a group's gradients, directions and momentum live in one flat tensor of each
+                kinds_text = ", ".join(sorted(f"{dtype} on {device}" for dtype, device in kinds))
+                raise TypeError(f"`params`: the parameters of a group must share one dtype and device, got {kinds_text}")
             if any(id(p) in seen for p in unique):
                 raise ValueError("`params`: a parameter appears in more than one group")
             seen.update(id(p) for p in unique)
@@ -625,7 +655,7 @@ class KFAC(th.optim.Optimizer):
             warnings.warn(message)
         self.counters["curvature_updates"] += 1
         self.counters["stats_at_curvature"] = stats_updates
-        self._batches = None
+        self._factors_stale = True
 
     @th.no_grad()
     def update_preconditioner(self) -> None:
@@ -665,11 +695,14 @@ class KFAC(th.optim.Optimizer):
             self._pending[0].cancel()
             self._pending = None
 
-    def _solve_unbatched(self, block: KFACBlock, mat: th.Tensor) -> th.Tensor | None:
+    def _solve_block(self, block: KFACBlock, mat: th.Tensor, refine: bool) -> th.Tensor | None:
         """
-        ``(A ⊗ G + λI)⁻¹ vec(mat)`` for a block outside :meth:`_make_batches`'s batches: one with a low-rank input
-        factor, or None if the block has no curvature yet.
+        ``(A ⊗ G + λI)⁻¹ vec(mat)`` for one block of a batch without stacked factors (a batch holding a low-rank
+        block or one without curvature), or None if the block has no curvature yet.
         """
+        if self._has_full_rank_solve(block):
+            factors, mats = self._stack_factors([block]), mat.unsqueeze(0)
+            return (self._refine([block], factors, mats) if refine else self._solve_batch(factors, mats))[0]
         state = self.state[block.weight]
         if "sA" not in state or not self._is_low_rank(state["A"].shape[0]):
             return None
@@ -708,11 +741,16 @@ class KFAC(th.optim.Optimizer):
         self._join_pending()
         if self.counters["curvature_updates"] == 0 and self.counters["stats_updates"] > 0:
             self.update_preconditioner()
+        buffers = self._group_buffers()
         given = {id(p): v for p, v in zip(params, vectors)}
-        out = dict(given)
         with th.no_grad():
-            self._precondition_gradients(given, out, None, None)
-        return [out[id(p)] for p in params]
+            for group in buffers:
+                self._stage(group, [given.get(id(p)) for p in group.params])
+            solved = self._solve_directions()
+        directions = {id(p): view for group in buffers for p, view in zip(group.params, group.direction_views)}
+        covered = {id(p) for block in solved for p in block.params}
+        # copies: the next solve reuses the buffers
+        return [directions[id(p)].clone() if id(p) in covered else v for p, v in zip(params, vectors)]
 
     # ------------------------------------------------------------------ step
     @th.no_grad()
@@ -736,15 +774,10 @@ class KFAC(th.optim.Optimizer):
             with th.enable_grad():
                 loss = closure()
         self.counters["steps" if refresh_curvature else "extra_steps"] += 1
-        weight_decay = self.param_groups[0]["weight_decay"]
-        group_params = [[p for p in group["params"] if p.grad is not None] for group in self.param_groups]
-        params = [p for ps in group_params for p in ps]
-        if not params:
+        buffers = self._group_buffers()
+        grads = [[p.grad for p in group.params] for group in buffers]
+        if all(grad is None for group_grads in grads for grad in group_grads):
             return loss
-        grad_list = [p.grad for p in params]
-        if weight_decay > 0:
-            grad_list = th._foreach_add(grad_list, params, alpha=weight_decay)
-        grads = {id(p): g for p, g in zip(params, grad_list)}
 
         if self.async_decomposition and refresh_curvature:
             self._join_pending()  # the decomposition started at the previous step, one update old
@@ -760,120 +793,103 @@ class KFAC(th.optim.Optimizer):
             else:
                 self.update_preconditioner()
 
+        weight_decay = self.param_groups[0]["weight_decay"]
+        complete = [self._stage(group, group_grads) for group, group_grads in zip(buffers, grads)]
+        if weight_decay > 0:
+            for group, group_grads in zip(buffers, grads):
+                present = [i for i, grad in enumerate(group_grads) if grad is not None]
+                views, params = [group.gradient_views[i] for i in present], [group.params[i] for i in present]
+                if present:
+                    th._foreach_add_(views, params, alpha=weight_decay)
         cold = self.counters["updates"] < self.cold_iter
-        directions = dict(grads)
-        # terms of Vᵀ∇ and their parameter groups: the solved blocks, then the raw (cold-start or outside-block,
-        # F = I) gradients of each group
-        terms: list[th.Tensor] = []
-        term_groups: list[th.Tensor] | None = [] if len(self.param_groups) > 1 else None  # one group: all in it
         if cold:
-            norm = th.linalg.vector_norm(th.stack(th._foreach_norm(grad_list)))
+            norm = th.linalg.vector_norm(th.stack([group.gradient.norm() for group in buffers]))
             clip = min(1.0, self.cold_max_grad_norm / (float(norm) + 1e-6))
-            directions = {k: g * clip for k, g in grads.items()}
+            for group in buffers:
+                th.mul(group.gradient, clip, out=group.direction)
         else:
-            self._precondition_gradients(grads, directions, terms, term_groups)
-        for index, ps in enumerate(group_params):
-            raw = [directions[id(p)] for p in ps if cold or directions[id(p)] is grads[id(p)]]
-            if raw:
-                terms.append(th.stack(th._foreach_norm(raw)).square().sum().reshape(1))
-                if term_groups is not None:
-                    term_groups.append(th.full((1,), index, device=terms[-1].device))
-        values = th.cat(terms)
-        if term_groups is None:
-            group_terms = [float(values.sum())]
-        else:
-            group_terms = values.new_zeros(len(self.param_groups)).index_add_(0, th.cat(term_groups), values).tolist()
-
-        # quadratic model of the KL of the step: lr² Vᵀ F V = lr² Vᵀ ∇ (V = F⁻¹ ∇), one trust region per group
+            self._solve_directions()
+        # quadratic model of the KL of the step: lr² Vᵀ F V = lr² Vᵀ ∇ (V = F⁻¹ ∇ in blocks; F = I for the raw
+        # gradients outside blocks and for all of a cold step), one trust region per group
+        terms = th.stack([th.dot(g.direction, g.direction if cold else g.gradient) for g in buffers]).tolist()
         self.last_vfv, self.last_nu = [], []
-        for group, term in zip(self.param_groups, group_terms):
-            vfv = group["lr"] ** 2 * term
+        for param_group, term in zip(self.param_groups, terms):
+            vfv = param_group["lr"] ** 2 * term
             self.last_vfv.append(vfv)
-            self.last_nu.append(1.0 if cold or not vfv > 0 else min(1.0, math.sqrt(group["kfac_clip"] / vfv)))
+            self.last_nu.append(1.0 if cold or not vfv > 0 else min(1.0, math.sqrt(param_group["kfac_clip"] / vfv)))
         if not all(math.isfinite(x) for x in self.last_vfv + self.last_nu):
             self.counters["skipped_steps"] += 1
             return loss
 
-        for group, ps, nu in zip(self.param_groups, group_params, self.last_nu):
-            if not ps:
-                continue
-            buffers = []
-            for p in ps:
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = th.zeros_like(p)
-                buffers.append(state["momentum_buffer"])
-            th._foreach_mul_(buffers, group["momentum"])
-            th._foreach_add_(buffers, [directions[id(p)] for p in ps], alpha=nu)
-            th._foreach_add_(ps, buffers, alpha=-group["lr"] * (1.0 - group["momentum"]))
+        for param_group, group, group_grads, whole, nu in zip(self.param_groups, buffers, grads, complete, self.last_nu):
+            if whole:  # the flat buffers at once
+                params, momentum_views = group.params, group.momentum_views
+                momentum, directions = [group.momentum], [group.direction]
+            else:  # parameters without a gradient keep their momentum buffer and value
+                present = [i for i, grad in enumerate(group_grads) if grad is not None]
+                if not present:
+                    continue
+                params = [group.params[i] for i in present]
+                momentum = momentum_views = [group.momentum_views[i] for i in present]
+                directions = [group.direction_views[i] for i in present]
+            th._foreach_mul_(momentum, param_group["momentum"])
+            th._foreach_add_(momentum, directions, alpha=nu)
+            th._foreach_add_(params, momentum_views, alpha=-param_group["lr"] * (1.0 - param_group["momentum"]))
         if refresh_curvature:
             self.counters["updates"] += 1
         return loss
 
-    def _precondition_gradients(
-        self,
-        grads: dict[int, th.Tensor],
-        directions: dict[int, th.Tensor],
-        terms: list[th.Tensor] | None,
-        term_groups: list[th.Tensor] | None,
-    ) -> None:
+    @staticmethod
+    def _stage(group: GroupBuffers, tensors: list[th.Tensor | None]) -> bool:
+        """Copy per-parameter tensors (None: zeros) into the group's gradient buffer; return whether all were given."""
+        if all(tensor is not None for tensor in tensors):
+            th._foreach_copy_(group.gradient_views, tensors)
+            return True
+        group.gradient.zero_()
+        present = [i for i, tensor in enumerate(tensors) if tensor is not None]
+        if present:
+            th._foreach_copy_([group.gradient_views[i] for i in present], [tensors[i] for i in present])
+        return False
+
+    def _solve_directions(self) -> set[KFACBlock]:
         """
-        Replace the gradients of covered layers in ``directions`` by their K-FAC solves; same-shape blocks are
-        solved together (batched matmuls keep the per-step overhead small for small networks). Appends the terms
-        ⟨V, ∇⟩ of the solved blocks to ``terms`` and their parameter groups to ``term_groups`` (each unless None).
+        Fill the direction buffers from the gradient buffers: the K-FAC solve in blocks with curvature (same-shape
+        blocks together: batched matmuls keep the per-step overhead small for small networks), the gradient
+        itself elsewhere.
+
+        :return: the blocks that were solved
         """
-        if self._batches is None:
-            self._batches = self._make_batches()
+        if self._factors_stale:
+            self._update_factors()
         # a decomposition of the current factors solves exactly: refine only when statistics came after it
         refine = self.refine_iterations > 0 and self.counters["stats_updates"] > self.counters["stats_at_curvature"]
-        for blocks, factors, block_groups in self._batches:
-            present = [b for b in blocks if id(b.weight) in grads or (b.bias is not None and id(b.bias) in grads)]
-            if not present:
-                continue
-            if len(present) < len(blocks):
-                index = [blocks.index(b) for b in present]
-                factors = tuple(f[index] for f in factors)
-                block_groups = None if block_groups is None else block_groups[index]
-            mats = th.stack(
-                [
-                    b.to_matrix(grads.get(id(b.weight)), grads.get(id(b.bias)) if b.bias is not None else None)
-                    for b in present
-                ]
-            )
-            solved = self._refine(present, factors, mats) if refine else self._solve_batch(factors, mats)
-            if terms is not None:
-                terms.append((solved * mats).sum(dim=(1, 2)))
-            if term_groups is not None:
-                term_groups.append(block_groups)  # type: ignore[arg-type]  # set with several groups
-            for block, mat in zip(present, solved.unbind(0)):
-                w_dir, b_dir = block.from_matrix(mat)
-                directions[id(block.weight)] = w_dir
-                if block.bias is not None:
-                    directions[id(block.bias)] = b_dir  # type: ignore[assignment]
-        for block in self._unbatched:
-            if id(block.weight) not in grads and (block.bias is None or id(block.bias) not in grads):
-                continue
-            mat = block.to_matrix(grads.get(id(block.weight)), grads.get(id(block.bias)) if block.bias is not None else None)
-            solved = self._solve_unbatched(block, mat)
-            if solved is None:
-                continue
-            if terms is not None:
-                terms.append((solved * mat).sum().reshape(1))
-            if term_groups is not None:
-                term_groups.append(th.full((1,), self._block_group[block], device=mat.device))
-            w_dir, b_dir = block.from_matrix(solved)
-            directions[id(block.weight)] = w_dir
-            if block.bias is not None:
-                directions[id(block.bias)] = b_dir  # type: ignore[assignment]
+        solved: set[KFACBlock] = set()
+        for group in self._group_buffers():
+            if group.raw_start < group.gradient.numel():
+                group.direction[group.raw_start :].copy_(group.gradient[group.raw_start :])
+            for batch in group.batches:
+                if batch.factors is not None:
+                    if refine:
+                        batch.directions.copy_(self._refine(batch.blocks, batch.factors, batch.gradients))
+                    else:
+                        self._solve_batch(batch.factors, batch.gradients, out=batch.directions)
+                    solved.update(batch.blocks)
+                    continue
+                for block, gradient, direction in zip(batch.blocks, batch.gradients, batch.directions):
+                    result = self._solve_block(block, gradient, refine)
+                    direction.copy_(gradient if result is None else result)
+                    if result is not None:
+                        solved.add(block)
+        return solved
 
-    def _solve_batch(self, factors: tuple[th.Tensor, ...], mats: th.Tensor) -> th.Tensor:
-        """The last decomposition's solve of stacked same-shape block matrices (``factors`` from :meth:`_make_batches`)."""
+    def _solve_batch(self, factors: tuple[th.Tensor, ...], mats: th.Tensor, out: th.Tensor | None = None) -> th.Tensor:
+        """The last decomposition's solve of stacked same-shape block matrices (``factors`` from :meth:`_update_factors`)."""
         # th.bmm rather than @: the generic matmul's broadcasting checks cost more than these small products
         if self.inverse == "eigen":
             q_g, q_g_t, q_a, q_a_t, scale = factors
-            return th.bmm(th.bmm(q_g, th.bmm(th.bmm(q_g_t, mats), q_a) * scale), q_a_t)
+            return th.bmm(th.bmm(q_g, th.bmm(th.bmm(q_g_t, mats), q_a) * scale), q_a_t, out=out)
         g_inv, a_inv = factors
-        return th.bmm(th.bmm(g_inv, mats), a_inv)
+        return th.bmm(th.bmm(g_inv, mats), a_inv, out=out)
 
     def _refine(self, blocks: list[KFACBlock], factors: tuple[th.Tensor, ...], mats: th.Tensor) -> th.Tensor:
         """
@@ -902,38 +918,71 @@ class KFAC(th.optim.Optimizer):
             r_dot_z = r_dot_z_next
         return solved
 
-    def _make_batches(self) -> list[tuple[list[KFACBlock], tuple[th.Tensor, ...], th.Tensor | None]]:
-        """Group the full-rank blocks with curvature by matrix shape and stack their solve factors."""
-        groups: dict[tuple[int, int], list[KFACBlock]] = {}
-        self._unbatched = []
+    def _has_full_rank_solve(self, block: KFACBlock) -> bool:
+        """Whether a block has full-rank factors and their decompositions (or inverses)."""
+        state = self.state[block.weight]
+        keys = ("QA", "QG") if self.inverse == "eigen" else ("A_inv", "G_inv")
+        return not self._is_low_rank(block.matrix_shape[1]) and all(key in state for key in keys)
+
+    def _stack_factors(self, blocks: list[KFACBlock]) -> tuple[th.Tensor, ...]:
+        """The solve factors of full-rank same-shape blocks, stacked for :meth:`_solve_batch`."""
+        states = [self.state[b.weight] for b in blocks]
+        if self.inverse == "inverse":
+            return th.stack([st["G_inv"] for st in states]), th.stack([st["A_inv"] for st in states])
+        q_g, q_a = th.stack([st["QG"] for st in states]), th.stack([st["QA"] for st in states])
+        d_g, d_a = th.stack([st["dG"] for st in states]), th.stack([st["dA"] for st in states])
+        scale = (d_g.unsqueeze(2) * d_a.unsqueeze(1) + self._block_damping()).reciprocal_()
+        # contiguous transposes: batched matmuls with a transposed operand were 30% slower (64 x 65 blocks)
+        return q_g, q_g.mT.contiguous(), q_a, q_a.mT.contiguous(), scale
+
+    def _update_factors(self) -> None:
+        """Stack each batch's solve factors after a curvature update (None: its blocks are solved one by one)."""
+        for group in self._group_buffers():
+            for batch in group.batches:
+                ready = all(self._has_full_rank_solve(block) for block in batch.blocks)
+                batch.factors = self._stack_factors(batch.blocks) if ready else None
+        self._factors_stale = False
+
+    def _group_buffers(self) -> list[GroupBuffers]:
+        """The flat buffers of each parameter group (built on first use, and after loading or adding groups)."""
+        if self._buffers is None or len(self._buffers) != len(self.param_groups):
+            self._buffers = [self._make_group_buffers(i, group["params"]) for i, group in enumerate(self.param_groups)]
+            self._factors_stale = True
+        return self._buffers
+
+    def _make_group_buffers(self, index: int, params: list[nn.Parameter]) -> GroupBuffers:
+        """Lay out a group's flat buffers; momentum buffers it already has (e.g. loaded ones) move into them."""
+        shapes: dict[tuple[int, int], list[KFACBlock]] = {}
         for block in self.blocks:
-            state = self.state[block.weight]
-            full = "A" in state and not self._is_low_rank(state["A"].shape[0])
-            ready = ("QA" in state and "QG" in state) if self.inverse == "eigen" else ("A_inv" in state and "G_inv" in state)
-            if full and ready:
-                groups.setdefault((state["G"].shape[0], state["A"].shape[0]), []).append(block)
-            else:
-                self._unbatched.append(block)
-        batches = []
-        damping = self._block_damping()
-        for blocks in groups.values():
-            states = [self.state[b.weight] for b in blocks]
-            if self.inverse == "eigen":
-                q_g = th.stack([st["QG"] for st in states])
-                q_a = th.stack([st["QA"] for st in states])
-                d_g, d_a = th.stack([st["dG"] for st in states]), th.stack([st["dA"] for st in states])
-                scale = (d_g.unsqueeze(2) * d_a.unsqueeze(1) + damping).reciprocal_()
-                # contiguous transposes: batched matmuls with a transposed operand were 30% slower (64 x 65 blocks)
-                factors = (q_g, q_g.mT.contiguous(), q_a, q_a.mT.contiguous(), scale)
-            else:
-                factors = (th.stack([st["G_inv"] for st in states]), th.stack([st["A_inv"] for st in states]))
-            block_groups = (  # only needed with several trust regions
-                th.tensor([self._block_group[b] for b in blocks], device=factors[0].device)
-                if len(self.param_groups) > 1
-                else None
-            )
-            batches.append((blocks, factors, block_groups))
-        return batches
+            if self._block_group[block] == index:
+                shapes.setdefault(block.matrix_shape, []).append(block)
+        in_blocks = {id(p) for blocks in shapes.values() for block in blocks for p in block.params}
+        raw = [p for p in params if id(p) not in in_blocks]
+        raw_start = sum(len(blocks) * rows * cols for (rows, cols), blocks in shapes.items())
+        size = raw_start + sum(p.numel() for p in raw)
+        flats = [th.zeros(size, dtype=params[0].dtype, device=params[0].device) for _ in range(3)]
+        views: dict[int, list[th.Tensor]] = {}  # per parameter, its view into each flat buffer
+        batches, offset = [], 0
+        for (rows, cols), blocks in shapes.items():
+            end = offset + len(blocks) * rows * cols
+            mats = [flat[offset:end].view(len(blocks), rows, cols) for flat in flats]
+            for position, block in enumerate(blocks):
+                parts = [block.from_matrix(mat[position]) for mat in mats]
+                views[id(block.weight)] = [weight for weight, _ in parts]
+                if block.bias is not None:
+                    views[id(block.bias)] = [bias for _, bias in parts]  # type: ignore[misc]
+            batches.append(SolveBatch(blocks, mats[0], mats[1]))
+            offset = end
+        for p in raw:
+            views[id(p)] = [flat[offset : offset + p.numel()].view_as(p) for flat in flats]
+            offset += p.numel()
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" in state:
+                views[id(p)][2].copy_(state["momentum_buffer"])
+            state["momentum_buffer"] = views[id(p)][2]
+        gradient_views, direction_views, momentum_views = ([views[id(p)][i] for p in params] for i in range(3))
+        return GroupBuffers(params, *flats, gradient_views, direction_views, momentum_views, batches, raw_start)
 
     # ------------------------------------------------------------------ (de)serialisation
     def state_dict(self) -> dict[str, Any]:
@@ -948,11 +997,12 @@ class KFAC(th.optim.Optimizer):
         :param state_dict: as returned by :meth:`state_dict`
         """
         self._discard_pending()  # computed from the factors being replaced
-        state_dict = dict(state_dict)
+        # a copy: torch's loader keeps the given tensors, which the optimizer they came from may update in place
+        state_dict = copy.deepcopy(state_dict)
         counters = state_dict.pop("kfac_counters", None)
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             group.setdefault("kfac_clip", self.kfac_clip)  # saved before groups had their own radius
-        self._batches = None
+        self._buffers = None  # the loaded momentum buffers move into new flat buffers at the next step
         if counters is not None:
             self.counters.update(counters)
