@@ -171,7 +171,8 @@ class KFAC(th.optim.Optimizer):
     ``ν = min(1, sqrt(kfac_clip / (lr² Σ⟨V, ∇⟩)))``, ``buf ← momentum * buf + ν V``,
     ``p ← p − lr (1 − momentum) buf`` (the form of OpenAI baselines' ``KfacOptimizer``). The sum, and so ν, is
     taken per parameter group: one group (the default) is one trust region over all parameters; several groups
-    (e.g. an actor and a critic) each get their own ν, ``lr``, ``momentum`` and ``kfac_clip``.
+    (e.g. an actor and a critic) each get their own ν, ``lr``, ``momentum`` and ``kfac_clip``. Each group's
+    momentum buffers (``state[p]["momentum_buffer"]``) are views of one flat tensor, built at the first step.
 
     Statistics: call the model inside :meth:`collect`, then :meth:`update_statistics` with a sum-reduced
     *sampled* negative log-likelihood (the Fisher loss). Running averages of ``A`` and ``G`` are
