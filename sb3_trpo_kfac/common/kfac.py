@@ -83,7 +83,8 @@ class KFACBlock:
     @property
     def matrix_shape(self) -> tuple[int, int]:
         """Shape ``out x (in + 1)`` of ``W̄`` (``out x in`` without a bias)."""
-        return self.weight.shape[0], self.weight[0].numel() + int(self.bias is not None)
+        rows = self.weight.shape[0]
+        return rows, self.weight.numel() // rows + int(self.bias is not None)
 
     def from_matrix(self, mat: th.Tensor) -> tuple[th.Tensor, th.Tensor | None]:
         """Views of a block matrix's weight part (in the weight's shape) and bias column."""
