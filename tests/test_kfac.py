@@ -337,7 +337,6 @@ def test_step_without_curvature_refresh_keeps_basis_and_schedule():
     assert counters["curvature_updates"] == 2 and counters["updates"] == 2 and opt.last_nu == [1.0]
 
 
-
 def test_conv_step_matches_dense_solve():
     th.manual_seed(0)
     conv = nn.Conv2d(2, 3, 3, stride=2, padding=1, dilation=1)
@@ -357,7 +356,6 @@ def test_conv_step_matches_dense_solve():
         a, g = opt.state[layer.weight]["A"], opt.state[layer.weight]["G"]
         expected = th.linalg.solve(_dense_kfac([(a, g)], damping), grad.flatten()).reshape(grad.shape)
         th.testing.assert_close(old - _wbar(layer, layer.weight.detach(), layer.bias.detach()), expected)
-
 
 
 def test_block_without_statistics_keeps_raw_gradient_beside_a_same_shape_block():
@@ -380,6 +378,7 @@ def test_block_without_statistics_keeps_raw_gradient_beside_a_same_shape_block()
     expected = th.linalg.solve(_dense_kfac([(a, g)], damping), grads[0].flatten()).reshape(grads[0].shape)
     th.testing.assert_close(steps[0], expected)
     th.testing.assert_close(steps[1], grads[1])
+
 
 def test_parameters_without_gradient_keep_value_and_momentum():
     model = _mlp()
@@ -444,6 +443,20 @@ def test_added_parameter_group_is_its_own_trust_region():
         th.testing.assert_close(p, q, rtol=1e-12, atol=1e-15)
     nu = min(1.0, (0.01 / (0.1**2 * 14.0)) ** 0.5)  # raw gradient (1, 2, 3): Vᵀ∇ = 14
     th.testing.assert_close(extra.detach(), -0.1 * (1 - 0.9) * nu * th.tensor([1.0, 2.0, 3.0], dtype=th.float64))
+
+
+def test_loaded_state_is_a_copy():
+    model = _mlp()
+    opt = KFAC(model, lr=0.1)
+    _train_steps(model, opt, 2, seed=0)
+    twin = copy.deepcopy(model)
+    twin_opt = KFAC(twin, lr=0.1)
+    twin_opt.load_state_dict(opt.state_dict())  # in memory: torch's loader would keep these very tensors
+    loaded = {key: value.clone() for key, value in twin_opt.state[twin[0].weight].items()}
+    _train_steps(model, opt, 1, seed=1)  # updates the source's factors and momentum in place
+    for key, value in loaded.items():
+        assert th.equal(twin_opt.state[twin[0].weight][key], value), key
+
 
 def test_parameter_groups_survive_state_dict():
     model = _mlp()
