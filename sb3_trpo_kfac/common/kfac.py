@@ -796,13 +796,13 @@ class KFAC(th.optim.Optimizer):
                 self.update_preconditioner()
 
         weight_decay = self.param_groups[0]["weight_decay"]
-        complete = [self._stage(group, group_grads) for group, group_grads in zip(buffers, grads)]
-        if weight_decay > 0:
-            for group, group_grads in zip(buffers, grads):
-                present = [i for i, grad in enumerate(group_grads) if grad is not None]
-                views, params = [group.gradient_views[i] for i in present], [group.params[i] for i in present]
-                if present:
-                    th._foreach_add_(views, params, alpha=weight_decay)
+        # per group: the positions of the parameters with a gradient
+        present = [[i for i, grad in enumerate(group_grads) if grad is not None] for group_grads in grads]
+        for group, group_grads, indices in zip(buffers, grads, present):
+            self._stage(group, group_grads)
+            if weight_decay > 0 and indices:
+                views, params = [group.gradient_views[i] for i in indices], [group.params[i] for i in indices]
+                th._foreach_add_(views, params, alpha=weight_decay)
         cold = self.counters["updates"] < self.cold_iter
         if cold:
             norm = th.linalg.vector_norm(th.stack([group.gradient.norm() for group in buffers]))
@@ -823,17 +823,16 @@ class KFAC(th.optim.Optimizer):
             self.counters["skipped_steps"] += 1
             return loss
 
-        for param_group, group, group_grads, whole, nu in zip(self.param_groups, buffers, grads, complete, self.last_nu):
-            if whole:  # the flat buffers at once
+        for param_group, group, indices, nu in zip(self.param_groups, buffers, present, self.last_nu):
+            if len(indices) == len(group.params):  # the flat buffers at once
                 params, momentum_views = group.params, group.momentum_views
                 momentum, directions = [group.momentum], [group.direction]
             else:  # parameters without a gradient keep their momentum buffer and value
-                present = [i for i, grad in enumerate(group_grads) if grad is not None]
-                if not present:
+                if not indices:
                     continue
-                params = [group.params[i] for i in present]
-                momentum = momentum_views = [group.momentum_views[i] for i in present]
-                directions = [group.direction_views[i] for i in present]
+                params = [group.params[i] for i in indices]
+                momentum = momentum_views = [group.momentum_views[i] for i in indices]
+                directions = [group.direction_views[i] for i in indices]
             th._foreach_mul_(momentum, param_group["momentum"])
             th._foreach_add_(momentum, directions, alpha=nu)
             th._foreach_add_(params, momentum_views, alpha=-param_group["lr"] * (1.0 - param_group["momentum"]))
@@ -842,16 +841,13 @@ class KFAC(th.optim.Optimizer):
         return loss
 
     @staticmethod
-    def _stage(group: GroupBuffers, tensors: list[th.Tensor | None]) -> bool:
-        """Copy per-parameter tensors (None: zeros) into the group's gradient buffer; return whether all were given."""
-        if all(tensor is not None for tensor in tensors):
-            th._foreach_copy_(group.gradient_views, tensors)
-            return True
-        group.gradient.zero_()
-        present = [i for i, tensor in enumerate(tensors) if tensor is not None]
-        if present:
-            th._foreach_copy_([group.gradient_views[i] for i in present], [tensors[i] for i in present])
-        return False
+    def _stage(group: GroupBuffers, tensors: list[th.Tensor | None]) -> None:
+        """Copy per-parameter tensors (None: zeros) into the group's gradient buffer."""
+        given = [(view, tensor) for view, tensor in zip(group.gradient_views, tensors) if tensor is not None]
+        if len(given) < len(tensors):
+            group.gradient.zero_()
+        if given:
+            th._foreach_copy_([view for view, _ in given], [tensor for _, tensor in given])
 
     def _solve_directions(self) -> set[KFACBlock]:
         """
