@@ -3,9 +3,14 @@ Wall time per environment step of ACKTR vs SB3's A2C with the same n_envs / n_st
 (one torch thread, CPU), on two cases:
 
 - MLP: CartPole-v1, 8 envs x 5 steps, default MlpPolicy;
-- CNN: NatureCNN on 84x84x4 frames (SB3's FakeImageEnv), 16 envs x 5 steps.
+- CNN: NatureCNN on 84x84x4 frames (SB3's FakeImageEnv), 16 envs x 5 steps;
+
+and a third, "entries": CartPole-v1 with each algorithm's shipped zoo settings, as
+benchmarks/acktr_sample_efficiency.py runs them (A2C: rl-zoo3's a2c.yml, 8 envs x 5 steps; ACKTR: our acktr.yml,
+8 envs x 10 steps and extra critic steps), timed per environment step over the same number of steps.
 
     python benchmarks/acktr_cost.py [--rounds-mlp 100] [--rounds-cnn 30] [--block-mlp 8] [--block-cnn 10]
+    python benchmarks/acktr_cost.py --cases entries
 
 After a warm-up, the models are timed in turn, ``--block-*`` updates each, for ``--rounds-*`` rounds: short
 interleaved blocks spread any drift of the machine (frequency, neighbours) over all of them; a block covers whole
@@ -40,6 +45,8 @@ from stable_baselines3.common.envs import FakeImageEnv
 
 from sb3_trpo_kfac.acktr import ACKTR
 
+from acktr_sample_efficiency import A2C_SETTINGS, ACKTR_SETTINGS  # the sibling script: run as a script, this is its directory
+
 ACKTR_KWARGS: dict[str, dict[str, dict[str, Any]]] = {
     "mlp": {
         "fresh": dict(kfac_update=1, kfac_async=False),
@@ -61,9 +68,9 @@ ACKTR_KWARGS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-def make_env(case: str, seed: int):
-    if case == "mlp":
-        return make_vec_env("CartPole-v1", n_envs=8, seed=seed)
+def make_env(case: str, seed: int, n_envs: int = 8):
+    if case in ("mlp", "entries"):
+        return make_vec_env("CartPole-v1", n_envs=n_envs, seed=seed)
     return make_vec_env(lambda: FakeImageEnv(screen_height=84, screen_width=84, n_channels=4), n_envs=16, seed=seed)
 
 
@@ -74,18 +81,49 @@ def timed_learn(model: BaseAlgorithm, updates: int) -> float:
     return time.perf_counter() - start
 
 
+def time_entries(rounds: int, block: int) -> None:
+    """The "entries" case: ``block`` ACKTR updates per model and round, A2C running as many environment steps."""
+    a2c_kwargs, acktr_kwargs = dict(A2C_SETTINGS), dict(ACKTR_SETTINGS)
+    a2c = A2C("MlpPolicy", make_env("entries", 0, a2c_kwargs.pop("n_envs")), seed=0, device="cpu", **a2c_kwargs)
+    acktr = ACKTR("MlpPolicy", make_env("entries", 0, acktr_kwargs.pop("n_envs")), seed=0, device="cpu", **acktr_kwargs)
+    steps_per_update = {model: model.n_steps * model.n_envs for model in (a2c, acktr)}
+    block_steps = block * steps_per_update[acktr]
+    if block_steps % steps_per_update[a2c]:
+        raise ValueError("--block-mlp: A2C cannot run as many steps as that many ACKTR updates")
+    updates = {model: block_steps // steps for model, steps in steps_per_update.items()}
+    times: dict[BaseAlgorithm, list[float]] = {a2c: [], acktr: []}
+    for model in times:  # warm-up
+        timed_learn(model, 2 * updates[model])
+    for _ in range(rounds):
+        for model in times:
+            times[model].append(timed_learn(model, updates[model]))
+    steps = rounds * block_steps
+    per_round = sorted(t / t_a2c for t, t_a2c in zip(times[acktr], times[a2c]))
+    print(
+        f"entries: A2C {sum(times[a2c]) / steps * 1e3:.3f} ms/step, ACKTR {sum(times[acktr]) / steps * 1e3:.3f} ms/step, "
+        f"ratio {sum(times[acktr]) / sum(times[a2c]):.3f} (median of {rounds} rounds {per_round[len(per_round) // 2]:.3f})  "
+        f"A2C settings {A2C_SETTINGS}, ACKTR settings {ACKTR_SETTINGS}",
+        flush=True,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds-mlp", type=int, default=100)
     parser.add_argument("--rounds-cnn", type=int, default=30)
-    parser.add_argument("--block-mlp", type=int, default=8, help="updates per model and round, MLP case")
+    parser.add_argument(
+        "--block-mlp", type=int, default=8, help="updates per model and round, MLP case (entries: ACKTR's updates)"
+    )
     parser.add_argument("--block-cnn", type=int, default=10, help="updates per model and round, CNN case")
-    parser.add_argument("--cases", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
+    parser.add_argument("--cases", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn", "entries"])
     parser.add_argument("--only", nargs="+", default=None, help="ACKTR rows to time (default: all of the case)")
     args = parser.parse_args()
     th.set_num_threads(1)
 
     for case in args.cases:
+        if case == "entries":
+            time_entries(args.rounds_mlp, args.block_mlp)
+            continue
         policy = "MlpPolicy" if case == "mlp" else "CnnPolicy"
         block = args.block_mlp if case == "mlp" else args.block_cnn
         rounds = args.rounds_mlp if case == "mlp" else args.rounds_cnn

@@ -1,8 +1,13 @@
 """ACKTR: every action space and policy kind, save/load continuation, bad arguments, robustness, learning."""
 
+import importlib.util
+import inspect
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch as th
+import yaml
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.envs import (
@@ -17,11 +22,19 @@ from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.vec_env import VecNormalize
 
 from sb3_trpo_kfac import ACKTR, KFAC
+from sb3_trpo_kfac.zoo import hyperparams_path
 
 TINY = dict(net_arch=dict(pi=[16], vf=[16]))
 # zoo_hyperparams/acktr.yml's CartPole-v1 entry (ACKTR's defaults otherwise)
 CARTPOLE_SETTINGS = dict(
-    n_steps=10, ent_coef=0.0, kfac_clip=0.01, kfac_stats_interval=8, kfac_update=8, kfac_async=True, kfac_refine=1
+    n_steps=10,
+    ent_coef=0.0,
+    kfac_clip=0.01,
+    n_critic_updates=5,
+    kfac_stats_interval=8,
+    kfac_update=8,
+    kfac_async=True,
+    kfac_refine=1,
 )
 
 
@@ -283,18 +296,34 @@ class BestTrainingReturn(BaseCallback):
             self.best = max(self.best, float(np.mean(returns)))
 
 
+def test_cartpole_settings_are_the_shipped_entry_and_the_benchmarks():
+    # The figures quoted next to the zoo entry come from the sample-efficiency benchmark's settings, and
+    # test_learns_cartpole uses them: all three must describe the same configuration.
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "acktr_sample_efficiency.py"
+    spec = importlib.util.spec_from_file_location("acktr_sample_efficiency", script)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    with open(hyperparams_path("acktr")) as file:
+        entry = yaml.safe_load(file)["CartPole-v1"]
+    defaults = {name: p.default for name, p in inspect.signature(ACKTR.__init__).parameters.items()}
+    settings = dict(benchmark.ACKTR_SETTINGS)
+    assert entry.pop("n_envs") == settings.pop("n_envs") == 8
+    assert entry.pop("policy") == "MlpPolicy"
+    entry.pop("n_timesteps")
+    assert {key: value for key, value in entry.items() if value != defaults[key]} == settings == CARTPOLE_SETTINGS
+
 def test_learns_cartpole():
     # the shipped CartPole settings (zoo_hyperparams/acktr.yml, benchmarks/acktr_sample_efficiency.py), a small
-    # budget. Judged on the training episodes, as the sample-efficiency benchmark is: with a constant learning rate
-    # the deterministic policy still swings between checkpoints this early (seed 0 evaluates at 110 after 25k steps
-    # and 31 after 30k, its training episodes having averaged 484)
+    # budget. Judged on the training episodes, as the sample-efficiency benchmark is, and loosely on the deterministic
+    # policy, which can still swing between checkpoints this early (both seeds evaluate at 500 after 25k steps
+    # today; with the entry of 2026-11-22, seed 0 evaluated at 110 after 25k and 31 after 30k)
     for seed in (0, 3):
         env = make_vec_env("CartPole-v1", n_envs=8, seed=seed)
         model = ACKTR("MlpPolicy", env, seed=seed, device="cpu", **CARTPOLE_SETTINGS)
         callback = BestTrainingReturn()
         model.learn(25_000, callback=callback)
         assert callback.best > 300, (seed, callback.best)  # random play: ~22
-        assert evaluate_policy(model, model.get_env(), n_eval_episodes=10)[0] > 50  # far from random play
+        assert evaluate_policy(model, model.get_env(), n_eval_episodes=10)[0] > 100  # far from random play
 
 
 def test_learns_pendulum():
