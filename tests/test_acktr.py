@@ -312,6 +312,7 @@ def test_cartpole_benchmark_runs_the_shipped_entry():
     assert settings == CARTPOLE_SETTINGS
     assert CARTPOLE_SETTINGS["n_critic_updates"] == 5 and CARTPOLE_SETTINGS["n_steps"] == 10  # the entry was read
 
+
 def test_learns_cartpole():
     # the shipped CartPole settings (zoo_hyperparams/acktr.yml, benchmarks/acktr_sample_efficiency.py), a small
     # budget. Judged on the training episodes, as the sample-efficiency benchmark is, and loosely on the deterministic
