@@ -10,8 +10,9 @@ from torch import nn
 def clip_grad_norm_(parameters: Iterable[nn.Parameter], max_norm: float) -> float:
     """
     Scale the gradients in place so that their global 2-norm is at most ``max_norm``: the same result, bit for
-    bit, as ``th.nn.utils.clip_grad_norm_``, which costs ~0.18 ms per call on a small network in grouping tensors
-    by device and dtype and in tensor arithmetic on the scale (a quarter of ACKTR's whole step on CartPole).
+    bit, as ``th.nn.utils.clip_grad_norm_``, which spends 0.11-0.2 ms per call on a small network in grouping
+    tensors by device and dtype and in tensor arithmetic on the scale (up to a quarter of ACKTR's K-FAC step on
+    CartPole; this takes 0.035-0.065 ms).
 
     :param parameters: parameters whose ``.grad`` to clip (those without one are left out)
     :param max_norm: the largest global norm kept
@@ -24,11 +25,11 @@ def clip_grad_norm_(parameters: Iterable[nn.Parameter], max_norm: float) -> floa
     kinds = {(g.device, g.dtype) for g in grads}
     if len(kinds) > 1 or next(iter(kinds))[1] not in (th.float32, th.float64):  # torch's general path
         return float(th.nn.utils.clip_grad_norm_(with_grad, max_norm))
-    total = th.linalg.vector_norm(th.stack(th._foreach_norm(grads)))
+    real = np.float32 if grads[0].dtype == th.float32 else np.float64
+    total = real(th.linalg.vector_norm(th.stack(th._foreach_norm(grads))).item())
     # torch's clip_grad_norm_ computes min(max_norm / (total + 1e-6), 1) in the gradients' dtype, the division
     # as a reciprocal times max_norm (Tensor.__rtruediv__); so does this, rounding alike
-    real = np.dtype(str(total.dtype).removeprefix("torch.")).type
-    coef = real(1) / (real(total.item()) + real(1e-6)) * real(max_norm)
+    coef = real(1) / (total + real(1e-6)) * real(max_norm)
     if not coef >= 1:  # multiplying by 1 changes nothing (a NaN norm spreads, as in torch)
         th._foreach_mul_(grads, float(coef))
     return float(total)
