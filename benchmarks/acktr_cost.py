@@ -81,30 +81,42 @@ def timed_learn(model: BaseAlgorithm, updates: int) -> float:
     return time.perf_counter() - start
 
 
+def time_in_turn(models: dict[str, BaseAlgorithm], updates: dict[str, int], rounds: int) -> dict[str, list[float]]:
+    """After a warm-up, the seconds of ``updates[name]`` updates of each model, timed in turn, per round."""
+    for name, model in models.items():  # warm-up (allocations, first decompositions)
+        timed_learn(model, max(2 * updates[name], 11))
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            times[name].append(timed_learn(model, updates[name]))
+    return times
+
+
+def print_ratio(label: str, a2c_times: list[float], acktr_times: list[float], steps: int, settings: str) -> None:
+    """Time per environment step of both over ``steps`` steps each: ratio of totals and median per-round ratio."""
+    per_round = sorted(t / t_a2c for t, t_a2c in zip(acktr_times, a2c_times))
+    print(
+        f"{label}: A2C {sum(a2c_times) / steps * 1e3:.3f} ms/step, ACKTR {sum(acktr_times) / steps * 1e3:.3f} ms/step, "
+        f"ratio {sum(acktr_times) / sum(a2c_times):.3f} (median of {len(per_round)} rounds "
+        f"{per_round[len(per_round) // 2]:.3f})  {settings}",
+        flush=True,
+    )
+
+
 def time_entries(rounds: int, block: int) -> None:
     """The "entries" case: ``block`` ACKTR updates per model and round, A2C running as many environment steps."""
     a2c_kwargs, acktr_kwargs = dict(A2C_SETTINGS), dict(ACKTR_SETTINGS)
-    a2c = A2C("MlpPolicy", make_env("entries", 0, a2c_kwargs.pop("n_envs")), seed=0, device="cpu", **a2c_kwargs)
-    acktr = ACKTR("MlpPolicy", make_env("entries", 0, acktr_kwargs.pop("n_envs")), seed=0, device="cpu", **acktr_kwargs)
-    steps_per_update = {model: model.n_steps * model.n_envs for model in (a2c, acktr)}
-    block_steps = block * steps_per_update[acktr]
-    if block_steps % steps_per_update[a2c]:
+    models: dict[str, BaseAlgorithm] = {
+        "A2C": A2C("MlpPolicy", make_env("entries", 0, a2c_kwargs.pop("n_envs")), seed=0, device="cpu", **a2c_kwargs),
+        "ACKTR": ACKTR("MlpPolicy", make_env("entries", 0, acktr_kwargs.pop("n_envs")), seed=0, device="cpu", **acktr_kwargs),
+    }
+    steps_per_update = {name: model.n_steps * model.n_envs for name, model in models.items()}  # type: ignore[attr-defined]
+    block_steps = block * steps_per_update["ACKTR"]
+    if block_steps % steps_per_update["A2C"]:
         raise ValueError("--block-mlp: A2C cannot run as many steps as that many ACKTR updates")
-    updates = {model: block_steps // steps for model, steps in steps_per_update.items()}
-    times: dict[BaseAlgorithm, list[float]] = {a2c: [], acktr: []}
-    for model in times:  # warm-up
-        timed_learn(model, 2 * updates[model])
-    for _ in range(rounds):
-        for model in times:
-            times[model].append(timed_learn(model, updates[model]))
-    steps = rounds * block_steps
-    per_round = sorted(t / t_a2c for t, t_a2c in zip(times[acktr], times[a2c]))
-    print(
-        f"entries: A2C {sum(times[a2c]) / steps * 1e3:.3f} ms/step, ACKTR {sum(times[acktr]) / steps * 1e3:.3f} ms/step, "
-        f"ratio {sum(times[acktr]) / sum(times[a2c]):.3f} (median of {rounds} rounds {per_round[len(per_round) // 2]:.3f})  "
-        f"A2C settings {A2C_SETTINGS}, ACKTR settings {ACKTR_SETTINGS}",
-        flush=True,
-    )
+    times = time_in_turn(models, {name: block_steps // steps for name, steps in steps_per_update.items()}, rounds)
+    settings = f"A2C settings {A2C_SETTINGS}, ACKTR settings {ACKTR_SETTINGS}"
+    print_ratio("entries", times["A2C"], times["ACKTR"], rounds * block_steps, settings)
 
 
 def main() -> None:
@@ -134,22 +146,10 @@ def main() -> None:
             if args.only is None or label in args.only
         }
         models: dict[str, BaseAlgorithm] = {"A2C": a2c, **acktrs}
-        for model in models.values():  # warm-up (allocations, first decompositions)
-            timed_learn(model, max(2 * block, 11))
-        times: dict[str, list[float]] = {name: [] for name in models}
-        for _ in range(rounds):
-            for name, model in models.items():
-                times[name].append(timed_learn(model, block))
+        times = time_in_turn(models, {name: block for name in models}, rounds)
         steps = rounds * block * a2c.n_steps * a2c.n_envs
-        a2c_total = sum(times["A2C"])
         for label in acktrs:
-            per_round = sorted(t / t_a2c for t, t_a2c in zip(times[label], times["A2C"]))
-            print(
-                f"{case} {label}: A2C {a2c_total / steps * 1e3:.3f} ms/step, ACKTR {sum(times[label]) / steps * 1e3:.3f} "
-                f"ms/step, ratio {sum(times[label]) / a2c_total:.3f} (median of {rounds} rounds "
-                f"{per_round[len(per_round) // 2]:.3f})  ACKTR settings {ACKTR_KWARGS[case][label]}",
-                flush=True,
-            )
+            print_ratio(f"{case} {label}", times["A2C"], times[label], steps, f"ACKTR settings {ACKTR_KWARGS[case][label]}")
 
 
 if __name__ == "__main__":
