@@ -192,6 +192,12 @@ class KFAC(th.optim.Optimizer):
     eigendecomposed (or inverted) by :meth:`step` every ``kfac_update`` calls, once new statistics exist.
     Steps before any statistics exist use the raw gradient (inside the same trust region).
 
+    Diagnostics of the last step, one entry per parameter group: ``last_nu`` (ν) and ``last_vfv``
+    (``lr² Vᵀ∇``, equal to ``lr² Vᵀ F V`` for the solve and its refinement). ``last_nu² · last_vfv`` is the
+    quadratic KL of the preconditioned direction ``ν V`` before momentum, at most ``kfac_clip`` (a cold-start step
+    has no trust region: ν = 1 and ``lr² ‖clip(∇)‖²``); it does not bound the applied step ``lr (1 − m) buf``,
+    whose buffer carries earlier directions.
+
     :param model: the module whose ``nn.Linear`` / ``nn.Conv2d`` layers get K-FAC blocks
     :param lr: learning rate η (also the scale in the trust region; change it via ``param_groups`` as usual)
     :param momentum: SGD momentum ``m``; the step is ``lr * (1 - m)`` times the momentum buffer
@@ -204,11 +210,16 @@ class KFAC(th.optim.Optimizer):
         right after the statistics when they come less often)
     :param weight_decay: L2 coefficient added to the gradient (and to the damping of the blocks)
     :param cold_iter: number of initial steps that use plain momentum SGD with gradient-norm clipping
-        (statistics are still gathered during them)
+        (statistics are still gathered during them), in the form of the K-FAC step: ``buf ← m buf + clip(∇)``,
+        ``p ← p − lr (1 − m) buf``, i.e. ``lr (1 − m) clip(∇)`` from rest, without trust region. OpenAI baselines'
+        ``KfacOptimizer`` runs its cold steps with a separate momentum optimizer at ``cold_lr`` (by default the
+        learning rate) and no ``(1 − m)`` factor, so at ``m = 0.9`` they are about 10x ours; its continuous-control
+        ACKTR passes ``cold_lr = lr (1 − 0.9)``, which matches ours. Default 0: K-FAC from the first step
+        (baselines' ``KfacOptimizer`` defaults to 100; its Atari ACKTR uses 10, its continuous-control ACKTR 1)
     :param cold_max_grad_norm: global gradient-norm clip of the cold-start steps
     :param inverse: ``"eigen"`` (default): exact inverse of ``A ⊗ G + λI`` via eigendecompositions;
-        ``"inverse"``: cheaper factored damping ``(A + π√λ I)⁻¹ ⊗ (G + √λ/π I)⁻¹``, π the ratio of the average
-        eigenvalues (traces / dimension) of ``A`` and ``G``
+        ``"inverse"``: cheaper factored damping ``(A + π√λ I)⁻¹ ⊗ (G + √λ/π I)⁻¹``, π the *square root* of the
+        ratio of the average eigenvalues (trace / dimension) of ``A`` to that of ``G`` (Martens & Grosse 2015)
     :param low_rank: if set, input factors ``A`` of dimension above ``low_rank_min_dim`` keep only their top
         ``low_rank`` eigenpairs (subspace iteration warm-started from the previous basis) and the mean of the
         remaining eigenvalues on the complement: the solve then costs ``O(out · in · low_rank)`` instead of
@@ -323,7 +334,7 @@ class KFAC(th.optim.Optimizer):
         # per parameter group, the (dtype, device) its state was built for (see _follow_parameters)
         self._group_kinds = [self._group_kind(group["params"]) for group in self.param_groups]
         # diagnostics of the last step, one entry per parameter group (for logging): trust-region scale ν and
-        # lr² Vᵀ F V of the unscaled step
+        # lr² Vᵀ F V of the preconditioned direction V (before ν and momentum)
         self.last_nu = [float("nan")] * len(self.param_groups)
         self.last_vfv = [float("nan")] * len(self.param_groups)
 
