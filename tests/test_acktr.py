@@ -160,9 +160,111 @@ def test_save_load_learn_matches_uninterrupted(tmp_path, kfac_async, extra_kwarg
     assert any(not th.equal(p, r) for p, r in zip(model.policy.parameters(), fresh.policy.parameters()))
 
 
-def test_vf_kfac_clip_gives_the_critic_its_own_trust_region():
+def _record_joint_steps(optimizer: KFAC, monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """
+    Wrap ``optimizer.step`` to record, per step, what it was given (gradients, parameters, momentum buffers, learning
+    rates) and what it did (parameters after; factors and decompositions it solved with).
+    """
+    records = []
+    original = optimizer.step
+
+    def recording_step(*args, **kwargs):
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        record = {
+            "grads": {p: p.grad.detach().clone() for p in params},
+            "before": {p: p.detach().clone() for p in params},
+            "momentum": {p: optimizer.state[p].get("momentum_buffer", th.zeros_like(p)).clone() for p in params},
+            "lr": [group["lr"] for group in optimizer.param_groups],
+        }
+        result = original(*args, **kwargs)
+        record["after"] = {p: p.detach().clone() for p in params}
+        record["state"] = {b: {k: v.clone() for k, v in optimizer.state[b.weight].items()} for b in optimizer.blocks}
+        records.append(record)
+        return result
+
+    monkeypatch.setattr(optimizer, "step", recording_step)
+    return records
+
+
+def _group_layout(optimizer: KFAC, index: int) -> tuple[list, list[th.nn.Parameter]]:
+    """The blocks of a parameter group and its parameters outside blocks (raw gradient: identity curvature)."""
+    blocks = [block for block in optimizer.blocks if optimizer._block_group[block] == index]
+    covered = {id(p) for block in blocks for p in block.params}
+    return blocks, [p for p in optimizer.param_groups[index]["params"] if id(p) not in covered]
+
+
+def _block_matrix(block, tensors: dict) -> th.Tensor:
+    """``W̄ = [W, b]`` of a block from per-parameter tensors, float64."""
+    parts = [tensors[block.weight].reshape(block.weight.shape[0], -1)]
+    if block.bias is not None:
+        parts.append(tensors[block.bias].reshape(-1, 1))
+    return th.cat(parts, dim=1).double()
+
+
+def _dense_update_check(optimizer: KFAC, record: dict, index: int, refine_iterations: int = 0) -> float:
+    """
+    Check one group's applied update against the dense float64 K-FAC Fisher ``F̂ = blockdiag(G ⊗ A + λI, I)`` built
+    from the optimizer's factors: ``Δθ = −lr (1 − m) (m buf + ν V)`` with ``V = F̂⁻¹ ∇`` (or, with refinement, the
+    iterate of preconditioned CG from zero whose preconditioner is the block's decomposition) and
+    ``ν = min(1, sqrt(κ / (lr² Vᵀ∇)))``; and the trust region on the applied direction: ``lr² (νV)ᵀ F̂ (νV) =
+    min(κ, lr² Vᵀ∇)``.
+
+    :return: ``lr² (νV)ᵀ F̂ (νV)`` measured on the applied update
+    """
+    group = optimizer.param_groups[index]
+    lr, momentum, kfac_clip, damping = record["lr"][index], group["momentum"], group["kfac_clip"], optimizer.damping
+    blocks, raw = _group_layout(optimizer, index)
+    fishers, directions, grads = [], [], []
+    for block in blocks:
+        state = record["state"][block]
+        a, g = state["A"].double(), state["G"].double()
+        fisher = th.kron(g, a) + damping * th.eye(a.shape[0] * g.shape[0], dtype=th.float64)
+        grad = _block_matrix(block, record["grads"]).flatten()
+        if refine_iterations == 0:
+            direction = th.linalg.solve(fisher, grad)
+        else:  # the decomposition's solve: Q (Λ_G ⊗ Λ_A + λ)⁻¹ Qᵀ, Q = Q_G ⊗ Q_A
+            basis = th.kron(state["QG"].double(), state["QA"].double())
+            scale = 1.0 / (th.kron(state["dG"].double(), state["dA"].double()) + damping)
+            direction, residual = th.zeros_like(grad), grad
+            z = basis @ (scale * (basis.T @ residual))
+            search, r_dot_z = z, residual @ z
+            for _ in range(refine_iterations):
+                product = fisher @ search
+                alpha = r_dot_z / (search @ product)
+                direction = direction + alpha * search
+                residual = residual - alpha * product
+                z = basis @ (scale * (basis.T @ residual))
+                search, r_dot_z = z + (residual @ z) / r_dot_z * search, residual @ z
+        fishers.append(fisher)
+        directions.append(direction)
+        grads.append(grad)
+    for p in raw:
+        grads.append(record["grads"][p].double().flatten())
+        directions.append(grads[-1])
+        fishers.append(th.eye(p.numel(), dtype=th.float64))
+    fisher, direction, grad = th.block_diag(*fishers), th.cat(directions), th.cat(grads)
+
+    def flat(tensors: dict) -> th.Tensor:
+        return th.cat([_block_matrix(b, tensors).flatten() for b in blocks] + [tensors[p].double().flatten() for p in raw])
+
+    applied, buffer = flat(record["after"]) - flat(record["before"]), flat(record["momentum"])
+    v_grad = float(direction @ grad)
+    nu = min(1.0, (kfac_clip / (lr**2 * v_grad)) ** 0.5)
+    expected = -lr * (1 - momentum) * (momentum * buffer + nu * direction)
+    # the step is computed in float32: compare in norm (a wrong scale of the direction is off by its factor)
+    assert float((applied - expected).norm()) <= 1e-4 * float(expected.norm())
+    # the applied direction without momentum, ν V, and its quadratic KL in the dense F̂
+    scaled = -applied / (lr * (1 - momentum)) - momentum * buffer
+    quadratic = lr**2 * float(scaled @ fisher @ scaled)
+    assert quadratic == pytest.approx(min(kfac_clip, lr**2 * v_grad), rel=1e-4)
+    return quadratic
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_vf_kfac_clip_gives_the_critic_its_own_trust_region(monkeypatch, momentum):
     model = ACKTR(
-        "MlpPolicy", IdentityEnvBox(eps=0.5), n_steps=8, kfac_clip=0.001, vf_kfac_clip=0.5, seed=0, device="cpu"
+        "MlpPolicy", IdentityEnvBox(eps=0.5), n_steps=8, kfac_clip=0.001, vf_kfac_clip=0.5, momentum=momentum,
+        policy_kwargs=TINY, seed=0, device="cpu",
     )
     policy, optimizer = model.policy, model.policy.optimizer
     actor, critic = optimizer.param_groups
@@ -170,28 +272,37 @@ def test_vf_kfac_clip_gives_the_critic_its_own_trust_region():
     assert {id(p) for p in critic["params"]} == critic_ids
     assert len(actor["params"]) + len(critic["params"]) == len(list(policy.parameters()))
     assert (actor["kfac_clip"], critic["kfac_clip"]) == (0.001, 0.5)
+    records = _record_joint_steps(optimizer, monkeypatch)
     model.learn(8 * 5)
+    assert len(records) == 5
+    # every applied update is the dense natural-gradient step, each group inside its own trust region
+    quadratics = [[_dense_update_check(optimizer, record, index) for index in (0, 1)] for record in records][-1]
     logged = model.logger.name_to_value
-    assert logged["train/kfac_quadratic_kl"] <= 0.001 * (1 + 1e-6)
-    assert logged["train/vf_kfac_quadratic_kl"] <= 0.5 * (1 + 1e-6)
+    # the logged quadratic KL is that of the last update's direction ν V, before momentum
+    assert logged["train/kfac_quadratic_kl"] == pytest.approx(quadratics[0], rel=1e-4)
+    assert logged["train/vf_kfac_quadratic_kl"] == pytest.approx(quadratics[1], rel=1e-4)
     assert logged["train/vf_kfac_nu"] == optimizer.last_nu[1] and logged["train/kfac_nu"] == optimizer.last_nu[0]
     assert optimizer.last_nu[0] < 1.0, "the actor's small radius should bind"
+    assert quadratics[0] == pytest.approx(0.001, rel=1e-4)
 
 
 def test_refined_steps_keep_each_trust_region(monkeypatch):
     model = ACKTR(
         "MlpPolicy", IdentityEnvBox(eps=0.5), n_steps=8, kfac_clip=0.001, vf_kfac_clip=0.5, kfac_update=100,
-        kfac_refine=2, seed=0, device="cpu",
+        kfac_refine=2, policy_kwargs=TINY, seed=0, device="cpu",
     )
     optimizer = model.policy.optimizer
     refined = []
     original = optimizer._refine
     monkeypatch.setattr(optimizer, "_refine", lambda *args: refined.append(1) or original(*args))
+    records = _record_joint_steps(optimizer, monkeypatch)
     model.learn(8 * 5)
     assert refined and optimizer.counters["curvature_updates"] == 1  # updates 2-5 solve the newer factors by CG
-    logged = model.logger.name_to_value
-    assert logged["train/kfac_quadratic_kl"] <= 0.001 * (1 + 1e-6)
-    assert logged["train/vf_kfac_quadratic_kl"] <= 0.5 * (1 + 1e-6)
+    # each applied update is the CG iterate on the current factors (preconditioned by the first decomposition),
+    # scaled into its group's trust region: CG keeps Vᵀ F̂ V = Vᵀ∇, so the quadratic KL is still min(κ, lr² Vᵀ∇)
+    for record in records[1:]:
+        for index in (0, 1):
+            _dense_update_check(optimizer, record, index, refine_iterations=2)
     assert all(th.isfinite(p).all() for p in model.policy.parameters())
 
 

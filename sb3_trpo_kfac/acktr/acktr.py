@@ -26,12 +26,21 @@ class ACKTR(OnPolicyAlgorithm):
 
     Paper: https://arxiv.org/abs/1708.05144 (Wu et al. 2017). Defaults follow OpenAI baselines / Stable-Baselines 2
     (learning rate 0.25, ``kfac_clip`` 0.001, momentum 0.9, damping 0.01, ``stats_decay`` 0.99,
-    ``vf_fisher_coef`` 1.0, ``n_steps`` 20, ``ent_coef`` 0.01, ``vf_coef`` 0.25) except where noted.
+    ``vf_fisher_coef`` 1.0, ``n_steps`` 20, ``ent_coef`` 0.01, ``vf_coef`` 0.25) except where noted (``cold_iter``:
+    0 here, 10 in baselines' Atari ACKTR; see below).
 
     The K-FAC statistics come from a sampled "Fisher loss" on the same forward pass:
     ``−Σ log π(a|s) − vf_fisher_coef · Σ (V(s) − sg(V(s) + ε))²``, ε ~ N(0, 1), where ``a`` are the rollout actions
-    (samples of the current policy: there is one update per rollout). The K-FAC optimizer replaces
-    ``policy.optimizer``, so ``save()`` / ``load()`` carry its statistics, eigenbases, counters and momentum.
+    (samples of the current policy: there is one update per rollout). The value term is baselines' form, kept as is:
+    its gradient with respect to V is ``2 · vf_fisher_coef · ε``, so the value output's Fisher is
+    ``4 · vf_fisher_coef²`` (4 at the default), not the unit variance of a unit-variance Gaussian likelihood. The
+    K-FAC optimizer replaces ``policy.optimizer``, so ``save()`` / ``load()`` carry its statistics, eigenbases,
+    counters and momentum.
+
+    Logged per update: ``train/kfac_nu`` (ν) and ``train/kfac_quadratic_kl``, ``η² ν² Vᵀ F V`` of the preconditioned
+    direction ``ν V`` before momentum (at most ``kfac_clip`` after the cold start); the applied step
+    ``η (1 − momentum) buf`` also carries the earlier directions in the momentum buffer, which this value does not
+    bound.
 
     An A2C user can swap the class name: every A2C keyword is accepted with A2C's meaning, except the
     optimizer choice (K-FAC replaces RMSprop / Adam): ``use_rms_prop=True`` and an ``optimizer_class`` in
@@ -59,8 +68,8 @@ class ACKTR(OnPolicyAlgorithm):
     :param rollout_buffer_class: Rollout buffer class to use. If ``None``, it will be automatically selected.
     :param rollout_buffer_kwargs: Keyword arguments to pass to the rollout buffer on creation.
     :param normalize_advantage: Whether to normalize or not the advantage
-    :param kfac_clip: Trust-region radius κ: the step is scaled by ν = min(1, sqrt(κ / (η² Vᵀ∇))), V the
-        preconditioned gradient
+    :param kfac_clip: Trust-region radius κ: the preconditioned gradient V is scaled by
+        ν = min(1, sqrt(κ / (η² Vᵀ∇))) before it enters the momentum buffer
     :param vf_kfac_clip: If given, the critic-only parameters (value head and the critic's own layers) get their
         own trust region of this radius, and ``kfac_clip`` bounds the rest (actor and shared layers): a large
         value-loss step then no longer shrinks the policy's step. ``None`` (default): one trust region over all
@@ -96,9 +105,14 @@ class ACKTR(OnPolicyAlgorithm):
         decomposition, in the updates whose statistics are newer than it (``KFAC``'s ``refine_iterations``): with
         ``kfac_update > 1`` or ``kfac_async`` the step then follows the current statistics although the
         decompositions lag behind. 0 (default): no refinement.
-    :param vf_fisher_coef: Weight of the value head's Gaussian likelihood in the Fisher loss
+    :param vf_fisher_coef: Weight c of the value term ``c · Σ (V − sg(V + ε))²`` of the Fisher loss; the value
+        output's Fisher is then ``4 c²`` (baselines' convention), not 1
     :param cold_iter: Number of initial updates done with plain momentum SGD (gradient clipped to
-        ``max_grad_norm``) while the statistics warm up
+        ``max_grad_norm``) while the statistics warm up. Their step is ``η (1 − momentum) · clip(g)`` from rest (the
+        form of the K-FAC step, see ``KFAC``); OpenAI baselines' Atari ACKTR uses ``cold_iter=10`` and runs these
+        updates with momentum at the learning rate itself, without the ``(1 − momentum)`` factor, i.e. about 10x
+        larger at momentum 0.9. Our default 0 uses K-FAC from the first update (its factors come from that update's
+        own batch).
     :param stats_window_size: Window size for the rollout logging, specifying the number of episodes to average
         the reported success rate, mean episode length, and mean reward over
     :param tensorboard_log: the log location for tensorboard (if None, no logging)
@@ -298,7 +312,7 @@ class ACKTR(OnPolicyAlgorithm):
 
             if update_stats:
                 # Sampled Fisher loss on the same forward: the rollout actions are samples of the current policy;
-                # the value head is a unit-variance Gaussian whose sample is V + ε.
+                # the value's sample is V + ε, ε ~ N(0, 1) (value-output Fisher 4 · vf_fisher_coef², baselines' form).
                 noisy_values = (values + th.randn_like(values)).detach()
                 fisher_loss = -log_prob.sum() - self.vf_fisher_coef * ((values - noisy_values) ** 2).sum()
                 optimizer.update_statistics(fisher_loss)
@@ -318,7 +332,7 @@ class ACKTR(OnPolicyAlgorithm):
         self.logger.record("train/entropy_loss", entropy_loss.item())
         self.logger.record("train/policy_loss", policy_loss.item())
         self.logger.record("train/value_loss", value_loss.item())
-        # ν: trust-region scale of the step; quadratic KL: lr² ν² Vᵀ F V of the step, at most kfac_clip
+        # ν: trust-region scale; quadratic KL: lr² ν² Vᵀ F V of ν V before momentum (≤ kfac_clip after the cold start)
         self.logger.record("train/kfac_nu", nus[0])
         self.logger.record("train/kfac_quadratic_kl", nus[0] ** 2 * vfvs[0])
         if len(nus) == 2:  # the critic's own trust region (vf_kfac_clip)

@@ -8,6 +8,14 @@ Every ``nn.Linear`` and ``nn.Conv2d`` of the model is a block whose Fisher is ap
 the layer output (pre-activation). The statistics are only gathered on request, from a Fisher loss you give,
 so plain forward passes (e.g. ``no_grad`` rollouts) are never counted and ``.grad`` is never touched by them.
 
+One convention for every layer kind (KFC's, Grosse & Martens 2016, scaled as in OpenAI baselines): the rows a layer
+sees for one sample are its ``T`` *locations*: a Conv2d's output positions, the positions of a Linear applied to
+``(N, T, in)`` inputs, and the calls of a layer applied several times in one forward. With ``T`` locations per
+sample, ``A = Σ (ā/T)(ā/T)ᵀ / N`` and ``G = T² · mean δδᵀ`` over samples x locations (for a plain ``(N, in)``
+Linear: ``A = mean ā āᵀ``, ``G = mean δ δᵀ``), so a Linear and the equivalent 1x1 Conv2d get the same step. A
+parameter has exactly one block: modules that share a weight and its bias (tied weights) are one block whose calls
+are locations as above; a weight or bias used by anything else the model holds is refused at construction.
+
 Supervised use (any ``nn.Module``)::
 
     model = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 3))
@@ -62,16 +70,19 @@ def _limit_worker_threads() -> None:
 
 class KFACBlock:
     """
-    One Kronecker-factored block: an ``nn.Linear`` or ``nn.Conv2d`` whose weight (and bias) are treated jointly
-    as the matrix ``W̄ = [W.view(out, -1), b]``.
+    One Kronecker-factored block: the weight (and bias) of an ``nn.Linear`` or ``nn.Conv2d``, treated jointly as the
+    matrix ``W̄ = [W.view(out, -1), b]``. Modules that share the weight and the bias (tied weights) are one block:
+    each forward of any of them adds locations to its statistics.
 
-    :param name: qualified module name (for messages)
+    :param name: qualified module name(s) (for messages)
     :param module: the layer
+    :param tied: further layers of the same kind that use the same weight and bias
     """
 
-    def __init__(self, name: str, module: nn.Module) -> None:
+    def __init__(self, name: str, module: nn.Module, tied: Sequence[nn.Module] = ()) -> None:
         self.name = name
         self.module = module
+        self.modules = [module, *tied]
         self.weight: nn.Parameter = module.weight
         self.bias: nn.Parameter | None = module.bias if module.bias is not None and module.bias.requires_grad else None
         self.is_conv = isinstance(module, nn.Conv2d)
@@ -93,15 +104,16 @@ class KFACBlock:
             weight_part = weight_part.view(self.weight.shape)  # a view always (a reshape could copy)
         return weight_part, None if self.bias is None else mat[:, -1]
 
-    def patches(self, x: th.Tensor) -> tuple[th.Tensor, int]:
+    @staticmethod
+    def patches(module: nn.Module, x: th.Tensor) -> tuple[th.Tensor, int]:
         """
-        Layer inputs as rows ``a`` (one row per sample and spatial position), without the homogeneous 1.
+        A convolution's inputs ``x`` (N, C, H, W) as rows ``a`` (one row per sample and output position), without
+        the homogeneous 1.
 
-        :return: ``(a, T)`` with ``T`` the number of positions per sample (1 for a linear layer)
+        :param module: the ``nn.Conv2d`` that was applied to ``x`` (tied layers may differ in stride, padding, ...)
+        :return: ``(a, T)`` with ``T`` the number of output positions per sample
         """
-        if not self.is_conv:
-            return x.reshape(-1, x.shape[-1]), 1
-        conv: nn.Conv2d = self.module  # type: ignore[assignment]
+        conv: nn.Conv2d = module  # type: ignore[assignment]
         padding = conv.padding
         if conv.padding_mode != "zeros":
             x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
@@ -180,6 +192,12 @@ class KFAC(th.optim.Optimizer):
     eigendecomposed (or inverted) by :meth:`step` every ``kfac_update`` calls, once new statistics exist.
     Steps before any statistics exist use the raw gradient (inside the same trust region).
 
+    Diagnostics of the last step, one entry per parameter group: ``last_nu`` (ν) and ``last_vfv``
+    (``lr² Vᵀ∇``, equal to ``lr² Vᵀ F V`` for the solve and its refinement). ``last_nu² · last_vfv`` is the
+    quadratic KL of the preconditioned direction ``ν V`` before momentum, at most ``kfac_clip`` (a cold-start step
+    has no trust region: ν = 1 and ``lr² ‖clip(∇)‖²``); it does not bound the applied step ``lr (1 − m) buf``,
+    whose buffer carries earlier directions.
+
     :param model: the module whose ``nn.Linear`` / ``nn.Conv2d`` layers get K-FAC blocks
     :param lr: learning rate η (also the scale in the trust region; change it via ``param_groups`` as usual)
     :param momentum: SGD momentum ``m``; the step is ``lr * (1 - m)`` times the momentum buffer
@@ -192,11 +210,16 @@ class KFAC(th.optim.Optimizer):
         right after the statistics when they come less often)
     :param weight_decay: L2 coefficient added to the gradient (and to the damping of the blocks)
     :param cold_iter: number of initial steps that use plain momentum SGD with gradient-norm clipping
-        (statistics are still gathered during them)
+        (statistics are still gathered during them), in the form of the K-FAC step: ``buf ← m buf + clip(∇)``,
+        ``p ← p − lr (1 − m) buf``, i.e. ``lr (1 − m) clip(∇)`` from rest, without trust region. OpenAI baselines'
+        ``KfacOptimizer`` runs its cold steps with a separate momentum optimizer at ``cold_lr`` (by default the
+        learning rate) and no ``(1 − m)`` factor, so at ``m = 0.9`` they are about 10x ours; its continuous-control
+        ACKTR passes ``cold_lr = lr (1 − 0.9)``, which matches ours. Default 0: K-FAC from the first step
+        (baselines' ``KfacOptimizer`` defaults to 100; its Atari ACKTR uses 10, its continuous-control ACKTR 1)
     :param cold_max_grad_norm: global gradient-norm clip of the cold-start steps
     :param inverse: ``"eigen"`` (default): exact inverse of ``A ⊗ G + λI`` via eigendecompositions;
-        ``"inverse"``: cheaper factored damping ``(A + π√λ I)⁻¹ ⊗ (G + √λ/π I)⁻¹``, π the ratio of the average
-        eigenvalues (traces / dimension) of ``A`` and ``G``
+        ``"inverse"``: cheaper factored damping ``(A + π√λ I)⁻¹ ⊗ (G + √λ/π I)⁻¹``, π the *square root* of the
+        ratio of the average eigenvalues (trace / dimension) of ``A`` to that of ``G`` (Martens & Grosse 2015)
     :param low_rank: if set, input factors ``A`` of dimension above ``low_rank_min_dim`` keep only their top
         ``low_rank`` eigenpairs (subspace iteration warm-started from the previous basis) and the mean of the
         remaining eigenvalues on the complement: the solve then costs ``O(out · in · low_rank)`` instead of
@@ -286,8 +309,8 @@ class KFAC(th.optim.Optimizer):
                 raise ValueError(f"`params`: the weight and bias of {block.name} are in different parameter groups")
         # the trust region (parameter group) each block's ⟨V, ∇⟩ counts in
         self._block_group = {block: group_of[id(block.weight)] for block in self.blocks}
-        # per block: list of (input, output) pairs saved inside collect()
-        self._saved: dict[KFACBlock, list[tuple[th.Tensor, th.Tensor]]] = {}
+        # per block: its calls saved inside collect(), as (module, input, version of the input, output)
+        self._saved: dict[KFACBlock, list[tuple[nn.Module, th.Tensor, int, th.Tensor]]] = {}
         # forward hooks exist only inside collect(): a module with hooks takes a slower call path, which every
         # rollout forward would otherwise pay (CartPole MLP, 8 envs x 5 steps: about 12% of A2C's time per env step)
         self._hooks: list[th.utils.hooks.RemovableHandle] = []
@@ -308,8 +331,10 @@ class KFAC(th.optim.Optimizer):
         # solve factors are restacked after every curvature update
         self._buffers: list[GroupBuffers] | None = None
         self._factors_stale = True
+        # per parameter group, the (dtype, device) its state was built for (see _follow_parameters)
+        self._group_kinds = [self._group_kind(group["params"]) for group in self.param_groups]
         # diagnostics of the last step, one entry per parameter group (for logging): trust-region scale ν and
-        # lr² Vᵀ F V of the unscaled step
+        # lr² Vᵀ F V of the preconditioned direction V (before ν and momentum)
         self.last_nu = [float("nan")] * len(self.param_groups)
         self.last_vfv = [float("nan")] * len(self.param_groups)
 
@@ -333,10 +358,8 @@ class KFAC(th.optim.Optimizer):
                 check_float("params[...]['momentum']", group["momentum"], 0.0, 1.0, high_inclusive=False)
             tensors = [group["params"]] if isinstance(group["params"], th.Tensor) else list(group["params"])
             unique = list({id(p): p for p in tensors if p.requires_grad}.values())
-            kinds = {(p.dtype, p.device) for p in unique}
-            if len(kinds) > 1:  # a group's gradients, directions and momentum live in one flat tensor of each
-                kinds_text = ", ".join(sorted(f"{dtype} on {device}" for dtype, device in kinds))
-                raise TypeError(f"`params`: the parameters of a group must share one dtype and device, got {kinds_text}")
+            if unique:
+                KFAC._group_kind(unique)
             if any(id(p) in seen for p in unique):
                 raise ValueError("`params`: a parameter appears in more than one group")
             seen.update(id(p) for p in unique)
@@ -357,7 +380,9 @@ class KFAC(th.optim.Optimizer):
             for module in candidates:
                 if not isinstance(module, (nn.Linear, nn.Conv2d)):
                     raise TypeError(f"`modules`: K-FAC blocks exist for nn.Linear and nn.Conv2d, got {type(module).__name__}")
-        blocks, seen = [], set()
+        # covered modules by weight: modules that share a weight (tied weights) make one block
+        by_weight: dict[int, list[tuple[str, nn.Module]]] = {}
+        seen: set[int] = set()
         for module in candidates:
             if id(module) in seen or id(module.weight) not in param_ids or not module.weight.requires_grad:
                 continue
@@ -372,14 +397,60 @@ class KFAC(th.optim.Optimizer):
             if module.bias is not None and module.bias.requires_grad and id(module.bias) not in param_ids:
                 warnings.warn(f"KFAC: the bias of {name} is not optimized; the layer keeps its raw gradient")
                 continue
-            blocks.append(KFACBlock(name, module))
+            by_weight.setdefault(id(module.weight), []).append((name, module))
+
+        def trained_bias(layer: nn.Module) -> object:
+            return layer.bias if layer.bias is not None and layer.bias.requires_grad else None
+
+        blocks = []
+        for uses in by_weight.values():
+            (name, first), *others = uses
+            for other_name, other in others:
+                # the calls of tied modules are extra locations of one block only if W̄ = [W, b] is the same matrix
+                if type(other) is not type(first) or trained_bias(other) is not trained_bias(first):
+                    raise ValueError(
+                        f"`model`: {name} and {other_name} share their weight but not their bias (or are of different "
+                        "kinds); K-FAC needs one block per parameter, fed by all its uses (tie the biases too, or leave "
+                        "the weight out of `params`)"
+                    )
+            label = name if not others else ", ".join([name, *(other_name for other_name, _ in others)])
+            blocks.append(KFACBlock(label, first, [other for _, other in others]))
+        # a block parameter used anywhere else (e.g. an nn.Embedding tied to an output layer, a skipped layer, a
+        # bias shared by layers with different weights) would get a gradient its block's statistics do not cover
+        owner: dict[int, KFACBlock] = {}
+        for new_block in blocks:
+            for param in new_block.params:
+                known = owner.setdefault(id(param), new_block)
+                if known is not new_block:
+                    raise ValueError(
+                        f"`model`: {known.name} and {new_block.name} share their bias but not their weight; K-FAC needs "
+                        "one block per parameter (tie the weights too, or leave the bias out of `params`)"
+                    )
+        for module_name, user in model.named_modules():
+            for attr, tensor in user._parameters.items():
+                block = owner.get(id(tensor)) if tensor is not None else None
+                if block is None:
+                    continue
+                role = "weight" if tensor is block.weight else "bias"
+                if attr != role or not any(user is m for m in block.modules):
+                    use = f"{module_name}.{attr}" if module_name else attr
+                    raise ValueError(
+                        f"`model`: the {role} of {block.name} is also used as {use}, which K-FAC does not cover; a "
+                        "parameter's block must see all its uses (cover that module too, or leave the parameter out "
+                        "of `params`)"
+                    )
         return blocks
 
-    def _make_hook(self, block: KFACBlock) -> Callable[..., None]:
-        def hook(module: nn.Module, inputs: tuple[th.Tensor, ...], output: th.Tensor) -> None:
+    def _make_hook(self, block: KFACBlock) -> Callable[..., th.Tensor | None]:
+        def hook(module: nn.Module, inputs: tuple[th.Tensor, ...], output: th.Tensor) -> th.Tensor | None:
             # only forwards that build a graph
-            if th.is_grad_enabled() and output.requires_grad:
-                self._saved.setdefault(block, []).append((inputs[0].detach(), output))
+            if not (th.is_grad_enabled() and output.requires_grad):
+                return None
+            x = inputs[0].detach()  # shares the version counter: an in-place change is seen in update_statistics
+            self._saved.setdefault(block, []).append((module, x, x._version, output))
+            # the model continues with a copy, so that an in-place op after the layer (e.g. ReLU(inplace=True))
+            # changes the copy and δ stays the gradient with respect to the layer's own output
+            return output.clone()
 
         return hook
 
@@ -393,6 +464,47 @@ class KFAC(th.optim.Optimizer):
             handle.remove()
         self._hooks = []
 
+    @staticmethod
+    def _group_kind(params: Iterable[th.Tensor]) -> tuple[th.dtype, th.device]:
+        """The one (dtype, device) of a parameter group's parameters (a TypeError if they differ)."""
+        kinds = {(p.dtype, p.device) for p in params}
+        if len(kinds) > 1:  # a group's gradients, directions and momentum live in one flat tensor of each
+            kinds_text = ", ".join(sorted(f"{dtype} on {device}" for dtype, device in kinds))
+            raise TypeError(f"`params`: the parameters of a group must share one dtype and device, got {kinds_text}")
+        return next(iter(kinds))
+
+    def _follow_parameters(self) -> None:
+        """
+        Convert the state of the groups whose parameters changed dtype or device (e.g. ``model.double()`` after some
+        steps): factors, decompositions and momentum follow the parameters (as ``load_state_dict`` converts them),
+        and the flat buffers are rebuilt at the next use.
+        """
+        kinds = []
+        for group in self.param_groups:
+            params = group["params"]
+            dtype = params[0].dtype
+            # every dtype: a mixed group would be cast silently into the flat buffers (a device mismatch raises there)
+            if len({p.dtype for p in params}) > 1:
+                self._group_kind(params)  # raises, naming the dtypes
+            kinds.append((dtype, params[0].device))
+        known = self._group_kinds + kinds[len(self._group_kinds) :]  # groups added later start with their own
+        if kinds == known:
+            self._group_kinds = known
+            return
+        kinds = [self._group_kind(group["params"]) for group in self.param_groups]
+        self._join_pending()  # its decompositions are converted with the rest
+        for group, kind, old_kind in zip(self.param_groups, kinds, known):
+            if kind == old_kind:
+                continue
+            for p in group["params"]:
+                state = self.state[p]
+                for key, value in state.items():
+                    if isinstance(value, th.Tensor):
+                        target = p.dtype if value.is_floating_point() else value.dtype
+                        state[key] = value.to(device=p.device, dtype=target)
+        self._group_kinds = kinds
+        self._buffers = None
+
     # ------------------------------------------------------------------ statistics
     @contextlib.contextmanager
     def collect(self) -> Iterator[None]:
@@ -401,7 +513,9 @@ class KFAC(th.optim.Optimizer):
         if self._hooks or not self._hooks_enabled:  # nested, or hooks removed
             yield
             return
-        self._hooks = [block.module.register_forward_hook(self._make_hook(block)) for block in self.blocks]
+        self._hooks = [
+            module.register_forward_hook(self._make_hook(block)) for block in self.blocks for module in block.modules
+        ]
         try:
             yield
         finally:
@@ -412,49 +526,79 @@ class KFAC(th.optim.Optimizer):
         Update the running Kronecker factors from the forwards saved in the last :meth:`collect`.
 
         ``δ = ∂ fisher_loss / ∂ (layer output)`` by ``torch.autograd.grad`` (graph retained, ``.grad`` untouched).
-        Linear: ``A = mean ā āᵀ``, ``G = mean δ δᵀ`` over samples. Conv2d (KFC, baselines' scaling), ``T`` positions:
-        ``A = Σ (ā/T)(ā/T)ᵀ / N``, ``G = T² · mean δ δᵀ`` over samples x positions.
+        One convention for every layer kind (KFC, Grosse & Martens 2016, with baselines' scaling): a block's rows are
+        its *locations*, ``T`` per sample: the output positions of a Conv2d, the positions ``T`` of a Linear applied to
+        ``(N, T, in)`` inputs, and, for a layer called ``k`` times in the forward (or tied layers), the rows of all
+        calls, so ``T = rows of all calls / N``. Then ``A = Σ (ā/T)(ā/T)ᵀ / N`` and ``G = T² · mean δ δᵀ`` over
+        samples x locations; for a plain ``(N, in)`` Linear (``T = 1``) ``A = mean ā āᵀ`` and ``G = mean δ δᵀ``. A
+        Linear and the equivalent 1x1 Conv2d thus get the same factors.
+
+        ``N`` is the leading dimension of the layer input (1 for an unbatched input); every call of a block must see
+        the same ``N`` (a ValueError otherwise, before any change). A block none of whose calls has rows keeps its
+        factors; if no call has any, nothing changes. A layer input modified in place after the forward raises a
+        RuntimeError (its saved value is no longer the one the layer saw; autograd's backward would refuse it too).
 
         :param fisher_loss: scalar, *sum* over the N samples of the sampled negative log-likelihood
-        :return: whether the statistics were updated (False if nothing was saved or they were not finite)
+        :return: whether the statistics were updated (False if nothing was saved, nothing saved has a sample, or the
+            statistics were not finite)
         """
         saved, self._saved = self._saved, {}
-        calls = [(block, x, out) for block, pairs in saved.items() for x, out in pairs]
+        calls = [(block, *call) for block, block_calls in saved.items() for call in block_calls]
         if not calls:
             warnings.warn("KFAC.update_statistics: no forward of a covered layer was saved; call the model inside collect()")
             return False
-        deltas = th.autograd.grad(fisher_loss, [out for _, _, out in calls], retain_graph=True, allow_unused=True)
-        # per block: [Σ ā āᵀ / T², T Σ δ δᵀ, N]; the same input tensor (e.g. features fed to both the policy and
-        # the value network) gives the same input moment, computed once
+        for block, _, x, version, _ in calls:
+            if x._version != version:
+                raise RuntimeError(
+                    f"KFAC.update_statistics: the input of {block.name} was modified in place after its forward; "
+                    "its statistics would not be those of the forward (use an out-of-place op)"
+                )
+        calls = [call for call in calls if call[-1].numel() > 0]
+        if not calls:
+            warnings.warn("KFAC.update_statistics: the saved forwards have no samples; the statistics are unchanged")
+            return False
+        self._follow_parameters()
+        deltas = th.autograd.grad(fisher_loss, [out for *_, out in calls], retain_graph=True, allow_unused=True)
+        # per block: [Σ ā āᵀ, Σ δ δᵀ, rows, N] over its calls; the same input tensor (e.g. features fed to both the
+        # policy and the value network) gives the same input moment, computed once
         sums: dict[KFACBlock, list[Any]] = {}
         moments: dict[tuple[Any, ...], th.Tensor] = {}
         with th.no_grad():
-            for (block, x, out), delta in zip(calls, deltas):
+            for (block, module, x, _, out), delta in zip(calls, deltas):
                 if delta is None:
                     continue
                 if block.is_conv:
-                    rows, positions = block.patches(x)
-                    a_sum = block.input_moment(rows) / positions**2
+                    if x.dim() == 3:  # unbatched
+                        x, delta = x.unsqueeze(0), delta.unsqueeze(0)
+                    a_sum = block.input_moment(block.patches(module, x)[0])
                     delta = delta.transpose(1, -1).reshape(-1, delta.shape[1])  # (N*T, out), any spatial order
-                    g_sum = (delta.T @ delta) * positions
-                    n_samples = x.shape[0]
                 else:
                     key = (x.data_ptr(), x._version, tuple(x.shape), x.stride(), block.bias is not None)
                     a_sum = moments.get(key)
                     if a_sum is None:
                         a_sum = moments[key] = block.input_moment(x.reshape(-1, x.shape[-1]))
                     delta = delta.reshape(-1, delta.shape[-1])
-                    g_sum = delta.T @ delta
-                    n_samples = delta.shape[0]
+                g_sum = delta.T @ delta
+                n_samples = x.shape[0] if x.dim() > 1 else 1
                 acc = sums.get(block)
                 if acc is None:
-                    sums[block] = [a_sum, g_sum, n_samples]
+                    sums[block] = [a_sum, g_sum, delta.shape[0], n_samples]
+                elif acc[3] != n_samples:
+                    raise ValueError(
+                        f"KFAC.update_statistics: {block.name} was called on {acc[3]} and on {n_samples} samples in one "
+                        "collect(); its calls count as extra locations of the same samples, so their inputs must agree "
+                        "on the leading (sample) dimension"
+                    )
                 else:
-                    acc[0], acc[1], acc[2] = acc[0] + a_sum, acc[1] + g_sum, acc[2] + n_samples
+                    acc[0], acc[1], acc[2] = acc[0] + a_sum, acc[1] + g_sum, acc[2] + delta.shape[0]
             if not sums:
                 return False
+            for acc in sums.values():
+                locations = acc[2] // acc[3]  # T per sample
+                if locations != 1:  # out of place: blocks fed the same input share one moment tensor
+                    acc[0], acc[1] = acc[0] / locations**2, acc[1] * locations
             # a norm is finite only if every entry is: one fused reduction guards all factors
-            norms = th._foreach_norm([t for a_sum, g_sum, _ in sums.values() for t in (a_sum, g_sum)])
+            norms = th._foreach_norm([t for a_sum, g_sum, *_ in sums.values() for t in (a_sum, g_sum)])
             if not bool(th.isfinite(th.stack(norms)).all()):
                 self.counters["skipped_stats"] += 1
                 warnings.warn("KFAC.update_statistics: non-finite statistics were ignored")
@@ -462,8 +606,8 @@ class KFAC(th.optim.Optimizer):
             # batch means (out of place: blocks fed the same input share one moment tensor), then
             # A ← ρ A + (1 − ρ) A_batch, fused over all running factors
             means = th._foreach_div(
-                [t for a_sum, g_sum, _ in sums.values() for t in (a_sum, g_sum)],
-                [float(n_samples) for _, _, n_samples in sums.values() for _ in range(2)],
+                [t for a_sum, g_sum, *_ in sums.values() for t in (a_sum, g_sum)],
+                [float(n_samples) for *_, n_samples in sums.values() for _ in range(2)],
             )
             running, batch = [], []
             for block, a_mean, g_mean in zip(sums, means[::2], means[1::2]):
@@ -666,6 +810,7 @@ class KFAC(th.optim.Optimizer):
         background decomposition (``async_decomposition``) is discarded: it would only be older.
         """
         self._discard_pending()
+        self._follow_parameters()
         job = self._prepare_curvature(snapshot=False)
         self._compute_curvature(job, self._block_damping())
         self._apply_curvature(job, self.counters["stats_updates"])
@@ -741,6 +886,7 @@ class KFAC(th.optim.Optimizer):
         if len(params) != len(vectors):
             raise ValueError(f"`params` and `vectors` differ in length ({len(params)} vs {len(vectors)})")
         self._join_pending()
+        self._follow_parameters()
         if self.counters["curvature_updates"] == 0 and self.counters["stats_updates"] > 0:
             self.update_preconditioner()
         buffers = self._group_buffers()
@@ -776,6 +922,7 @@ class KFAC(th.optim.Optimizer):
             with th.enable_grad():
                 loss = closure()
         self.counters["steps" if refresh_curvature else "extra_steps"] += 1
+        self._follow_parameters()
         buffers = self._group_buffers()
         grads = [[p.grad for p in group.params] for group in buffers]
         if all(grad is None for group_grads in grads for grad in group_grads):
@@ -1002,5 +1149,6 @@ class KFAC(th.optim.Optimizer):
         for group in self.param_groups:
             group.setdefault("kfac_clip", self.kfac_clip)  # saved before groups had their own radius
         self._buffers = None  # the loaded momentum buffers move into new flat buffers at the next step
+        self._group_kinds = [self._group_kind(group["params"]) for group in self.param_groups]  # torch converted it
         if counters is not None:
             self.counters.update(counters)
