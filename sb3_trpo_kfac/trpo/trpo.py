@@ -189,7 +189,8 @@ class TRPO(OnPolicyAlgorithm):
         if "optimizer_class" not in self.policy_kwargs and "optimizer_kwargs" not in self.policy_kwargs:
             # The critic takes hundreds of small Adam steps per update; the fused kernel is the same Adam, faster.
             # eps: SB3's default for its policies' Adam, which passing any optimizer_kwargs would otherwise drop.
-            self.policy_kwargs["optimizer_kwargs"] = {"fused": True, "eps": 1e-5}
+            # A new dict: the caller's policy_kwargs stay as given (they may be reused, e.g. for ACKTR).
+            self.policy_kwargs = {**self.policy_kwargs, "optimizer_kwargs": {"fused": True, "eps": 1e-5}}
         if self.env is not None:
             buffer_size = self.env.num_envs * self.n_steps
             if normalize_advantage and buffer_size <= 1:
