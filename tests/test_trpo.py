@@ -119,7 +119,7 @@ def test_structural_split_on_renamed_policy_and_critic_never_moves_actor(monkeyp
     model = TRPO(RenamedPolicy, IdentityEnv(3), **SMALL)
     assert not any("value" in name for name, _ in model.policy.named_parameters())
     # Block the policy step: only the critic update may run, and it must leave every actor parameter alone.
-    monkeypatch.setattr(model, "_policy_step", lambda *args: {k: 0.0 for k in ("policy_objective", "kl_divergence_loss", "is_line_search_success", "line_search_step_fraction", "non_finite_step", "cg_residual")})
+    monkeypatch.setattr(model, "_policy_step", lambda *args: {k: 0.0 for k in ("policy_objective", "kl_divergence_loss", "is_line_search_success", "line_search_step_fraction", "non_finite_step", "zero_gradient_step", "cg_residual")})
     snapshot = PolicySnapshot()
     model.learn(total_timesteps=SMALL["n_steps"], callback=snapshot)
     critic = model._critic_params
@@ -253,3 +253,48 @@ def test_policy_kwargs_of_the_caller_are_not_modified() -> None:
     assert model.policy.optimizer.param_groups[0]["fused"]  # our default still reaches the policy
     # The same dict can be passed on; ACKTR refuses optimizer_kwargs, which the caller never gave.
     ACKTR("MlpPolicy", IdentityEnv(2), policy_kwargs=policy_kwargs)
+
+
+class ScaleAdvantages(BaseCallback):
+    """Multiplies the rollout's advantages (not its returns: the critic is unaffected) by ``scale``."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def _on_step(self) -> bool:
+        return True
+
+    def _on_rollout_end(self) -> None:
+        self.before = copy.deepcopy(self.model.policy.state_dict())
+        self.model.rollout_buffer.advantages *= self.scale
+
+
+def test_tiny_gradient_takes_the_same_step_as_a_large_one() -> None:
+    # The natural step does not depend on the gradient's scale. 2^-27 (7e-9) scales exactly in floating point, so
+    # the step must be bit for bit that of the unscaled advantages; conjugate gradient with an absolute tolerance
+    # stopped at 0 iterations and the update was dropped as "non-finite".
+    def train(scale: float) -> TRPO:
+        model = TRPO("MlpPolicy", "CartPole-v1", n_steps=256, batch_size=64, normalize_advantage=False, seed=1)
+        model.learn(total_timesteps=256, callback=ScaleAdvantages(scale))
+        return model
+
+    reference, tiny = train(1.0), train(2.0**-27)
+    for model in (reference, tiny):
+        logged = model.logger.name_to_value
+        assert logged["train/is_line_search_success"] == 1.0
+        assert logged["train/non_finite_step"] == 0.0 and logged["train/zero_gradient_step"] == 0.0
+        assert logged["train/cg_iterations"] > 1
+    for (name, expected), actual in zip(reference.policy.state_dict().items(), tiny.policy.state_dict().values()):
+        assert th.equal(expected, actual), name
+
+
+def test_zero_gradient_is_logged_as_such_and_leaves_the_policy() -> None:
+    model = TRPO("MlpPolicy", IdentityEnvBox(-1, 1), n_critic_updates=0, normalize_advantage=False, **{k: v for k, v in SMALL.items() if k != "n_critic_updates"})
+    zero = ScaleAdvantages(0.0)
+    model.learn(total_timesteps=SMALL["n_steps"], callback=zero)
+    logged = model.logger.name_to_value
+    assert logged["train/non_finite_step"] == 0.0 and logged["train/is_line_search_success"] == 0.0
+    assert logged["train/zero_gradient_step"] == 1.0
+    for name, value in model.policy.state_dict().items():
+        assert th.equal(value, zero.before[name]), name

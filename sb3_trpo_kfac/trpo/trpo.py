@@ -270,10 +270,16 @@ class TRPO(OnPolicyAlgorithm):
             "is_line_search_success": 0.0,
             "line_search_step_fraction": 0.0,
             "non_finite_step": 0.0,
+            "zero_gradient_step": 0.0,
         }
         if not th.isfinite(gradient).all():
             stats["non_finite_step"] = 1.0
             stats["cg_residual"] = float("nan")
+            return stats
+        if not gradient.any():
+            # A flat surrogate (e.g. all advantages zero) has no ascent direction: nothing to step along.
+            stats["zero_gradient_step"] = 1.0
+            stats["cg_residual"] = 0.0
             return stats
 
         preconditioner = None
@@ -297,8 +303,12 @@ class TRPO(OnPolicyAlgorithm):
         stats["cg_residual"] = solve.relative_residual
         stats["cg_iterations"] = float(solve.iterations)
         curvature = th.dot(solve.solution, solve.matrix_solution)
-        if not (th.isfinite(solve.solution).all() and th.isfinite(curvature) and curvature > 0):
+        if not (th.isfinite(solve.solution).all() and th.isfinite(curvature)):
             stats["non_finite_step"] = 1.0
+            return stats
+        if not curvature > 0:
+            # Finite but no measurable curvature: a gradient so small that sᵀ(F + λI)s underflows.
+            stats["zero_gradient_step"] = 1.0
             return stats
         step = th.sqrt(2.0 * self.target_kl / curvature) * solve.solution
 
@@ -399,6 +409,7 @@ class TRPO(OnPolicyAlgorithm):
         if "cg_iterations" in stats:
             self.logger.record("train/cg_iterations", stats["cg_iterations"])
         self.logger.record("train/non_finite_step", stats["non_finite_step"])
+        self.logger.record("train/zero_gradient_step", stats["zero_gradient_step"])
         if hasattr(self.policy, "log_std"):
             self.logger.record("train/std", th.exp(self.policy.log_std).mean().item())
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
