@@ -298,3 +298,61 @@ def test_zero_gradient_is_logged_as_such_and_leaves_the_policy() -> None:
     assert logged["train/zero_gradient_step"] == 1.0
     for name, value in model.policy.state_dict().items():
         assert th.equal(value, zero.before[name]), name
+
+
+class FirstCandidateRaises:
+    """Wraps ``policy.get_distribution``: the first line-search candidate (a call without gradients) raises."""
+
+    def __init__(self, policy: ActorCriticPolicy, error: Exception) -> None:
+        self.get_distribution, self.error, self.raised = policy.get_distribution, error, False
+
+    def __call__(self, observations):
+        if not th.is_grad_enabled() and not self.raised:
+            self.raised = True
+            raise self.error
+        return self.get_distribution(observations)
+
+
+class Snapshot(PolicySnapshot):
+    def __init__(self, patch=None) -> None:
+        super().__init__()
+        self.patch = patch
+
+    def _on_rollout_end(self) -> None:
+        super()._on_rollout_end()
+        if self.patch is not None:
+            self.model.policy.get_distribution = self.patch(self.model.policy)
+
+
+def test_invalid_line_search_candidate_is_rejected_like_a_bad_one() -> None:
+    # As torch's argument validation raises for a candidate whose scale overflowed: the next, shorter one is tried.
+    model = TRPO("MlpPolicy", "CartPole-v1", n_steps=256, batch_size=64, target_kl=0.01, seed=1)
+    snapshot = Snapshot(lambda policy: FirstCandidateRaises(policy, ValueError("invalid scale")))
+    model.learn(total_timesteps=256, callback=snapshot)
+    assert model.logger.name_to_value["train/is_line_search_success"] == 1.0
+    assert model.logger.name_to_value["train/line_search_step_fraction"] == pytest.approx(0.8)
+
+
+def test_policy_is_restored_when_the_line_search_raises() -> None:
+    model = TRPO("MlpPolicy", IdentityEnvBox(-1, 1), n_critic_updates=0, **{k: v for k, v in SMALL.items() if k != "n_critic_updates"})
+    snapshot = Snapshot(lambda policy: FirstCandidateRaises(policy, RuntimeError("interrupted")))
+    with pytest.raises(RuntimeError, match="interrupted"):
+        model.learn(total_timesteps=SMALL["n_steps"], callback=snapshot)
+    for name, value in model.policy.state_dict().items():
+        assert th.equal(value, snapshot.before[name]), name
+
+
+def test_huge_trust_region_never_leaves_an_invalid_policy() -> None:
+    # target_kl=1e10: the full steps overflow log_std, and torch's validation of the candidate's Normal raised out
+    # of the line search, leaving log_std at -25503.
+    snapshot = PolicySnapshot()
+    model = TRPO("MlpPolicy", IdentityEnvBox(-1, 1), target_kl=1e10, **SMALL)
+    model.learn(total_timesteps=2 * SMALL["n_steps"], callback=snapshot)
+    assert all(th.isfinite(p).all() for p in model.policy.parameters())
+    observations = next(model.rollout_buffer.get(batch_size=None)).observations
+    with th.no_grad():
+        model.policy.get_distribution(observations)  # validates: a finite, positive scale
+    if model.logger.name_to_value["train/is_line_search_success"] == 0.0:
+        actor = {name for name, p in model.policy.named_parameters() if any(p is q for q in model._actor_params)}
+        after = model.policy.state_dict()
+        assert all(th.equal(snapshot.before[name], after[name]) for name in actor)

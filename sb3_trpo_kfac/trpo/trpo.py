@@ -6,6 +6,7 @@ import numpy as np
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.distributions import Distribution
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, PyTorchObs, Schedule
@@ -314,26 +315,56 @@ class TRPO(OnPolicyAlgorithm):
 
         old_params = [param.detach().clone() for param in actor_params]
         step_fraction = 1.0
-        with th.no_grad():
-            for _ in range(self.line_search_max_iter):
-                for param, old, delta in zip(actor_params, old_params, split_like(step, actor_params), strict=True):
-                    param.copy_(old + step_fraction * delta)
-                new_distribution = self.policy.get_distribution(observations)
-                new_objective = (advantages * th.exp(new_distribution.log_prob(actions) - old_log_prob)).mean()
-                kl = mean_kl(old_distribution, new_distribution)
-                # NaN compares False: a non-finite candidate is rejected like a bad one.
-                if kl <= self.target_kl and new_objective > objective:
-                    stats.update(
-                        policy_objective=new_objective.item(),
-                        kl_divergence_loss=kl.item(),
-                        is_line_search_success=1.0,
-                        line_search_step_fraction=step_fraction,
-                    )
-                    return stats
-                step_fraction *= self.line_search_shrinking_factor
-            for param, old in zip(actor_params, old_params, strict=True):
-                param.copy_(old)
+        accepted = False
+        try:  # θ_old is restored on every way out but acceptance, exceptions included
+            with th.no_grad():
+                for _ in range(self.line_search_max_iter):
+                    for param, old, delta in zip(actor_params, old_params, split_like(step, actor_params), strict=True):
+                        param.copy_(old + step_fraction * delta)
+                    candidate = self._evaluate_candidate(observations, actions, old_log_prob, advantages, old_distribution)
+                    if candidate is not None:
+                        new_objective, kl = candidate
+                        if kl <= self.target_kl and new_objective > objective:
+                            accepted = True
+                            stats.update(
+                                policy_objective=new_objective.item(),
+                                kl_divergence_loss=kl.item(),
+                                is_line_search_success=1.0,
+                                line_search_step_fraction=step_fraction,
+                            )
+                            return stats
+                    step_fraction *= self.line_search_shrinking_factor
+        finally:
+            if not accepted:
+                with th.no_grad():
+                    for param, old in zip(actor_params, old_params, strict=True):
+                        param.copy_(old)
         return stats
+
+    def _evaluate_candidate(
+        self,
+        observations: PyTorchObs,
+        actions: th.Tensor,
+        old_log_prob: th.Tensor,
+        advantages: th.Tensor,
+        old_distribution: Distribution,
+    ) -> tuple[th.Tensor, th.Tensor] | None:
+        """
+        The surrogate and mean KL(π_old ‖ π) of the policy's current parameters (a line-search candidate).
+
+        :return: ``(objective, kl)``, or None when the candidate is not a valid policy: a distribution parameter
+            torch's validation refuses (e.g. a scale that overflowed to inf or 0) or a non-finite objective or KL
+        """
+        try:
+            distribution = self.policy.get_distribution(observations)
+            objective = (advantages * th.exp(distribution.log_prob(actions) - old_log_prob)).mean()
+            kl = mean_kl(old_distribution, distribution)
+        except ValueError:
+            # torch.distributions' argument validation; the same forward passed at θ_old, so the values are at fault
+            return None
+        if not (th.isfinite(objective) and th.isfinite(kl)):
+            return None
+        return objective, kl
 
     def _critic_fit(self, observations: PyTorchObs, returns: th.Tensor) -> list[float]:
         """
