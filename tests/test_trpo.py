@@ -1,6 +1,7 @@
 import copy
 import inspect
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch as th
@@ -298,6 +299,56 @@ def test_zero_gradient_is_logged_as_such_and_leaves_the_policy() -> None:
     assert logged["train/zero_gradient_step"] == 1.0
     for name, value in model.policy.state_dict().items():
         assert th.equal(value, zero.before[name]), name
+
+
+class InjectNonFinite(gym.Wrapper):
+    """Makes the reward, or one coordinate of the observation, of the ``at``-th step NaN or inf."""
+
+    def __init__(self, env: gym.Env, kind: str, at: int) -> None:
+        super().__init__(env)
+        self.kind, self.at, self.t = kind, at, 0
+
+    def step(self, action):
+        observation, reward, terminated, truncated, info = self.env.step(action)
+        self.t += 1
+        if self.t == self.at:
+            if self.kind == "nan_reward":
+                reward = float("nan")
+            elif self.kind == "inf_reward":
+                reward = float("inf")
+            else:
+                observation = observation.copy()
+                observation[0] = np.inf
+        return observation, reward, terminated, truncated, info
+
+
+@pytest.mark.parametrize("kind", ["nan_reward", "inf_reward", "inf_observation"])
+def test_non_finite_data_never_reaches_the_parameters(kind: str) -> None:
+    # One bad step in the second rollout; before, it turned every critic parameter and Adam moment into NaN, and
+    # every later policy step was skipped as non-finite.
+    env = InjectNonFinite(gym.make("Pendulum-v1"), kind, at=70)
+    model = TRPO("MlpPolicy", env, n_steps=64, batch_size=32, n_critic_updates=2, cg_max_steps=5, seed=0)
+    model.learn(total_timesteps=128)
+
+    def finite() -> bool:
+        adam = [t for state in model.policy.optimizer.state.values() for t in state.values() if t.is_floating_point()]
+        return all(th.isfinite(t).all() for t in [*model.policy.parameters(), *adam])
+
+    assert finite()
+    skipped = model.logger.name_to_value["train/critic_skipped_steps"]
+    assert skipped > 0
+    # Later, clean batches train both the critic and the policy.
+    before = copy.deepcopy(model.policy.state_dict())
+    model.learn(total_timesteps=128, reset_num_timesteps=False)
+    assert finite()
+    logged = model.logger.name_to_value
+    assert logged["train/critic_skipped_steps"] == skipped
+    assert logged["train/non_finite_step"] == 0.0 and np.isfinite(logged["train/value_loss"])
+    after = model.policy.state_dict()
+    moved = {name for name in before if not th.equal(before[name], after[name])}
+    critic = {name for name, p in model.policy.named_parameters() if any(p is q for q in model._critic_params)}
+    assert critic and critic <= moved
+    assert moved - critic  # the actor moved too
 
 
 class FirstCandidateRaises:

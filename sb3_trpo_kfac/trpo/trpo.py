@@ -24,7 +24,11 @@ from sb3_trpo_kfac.common.fisher import (
     record_linear_calls,
     split_like,
 )
-from sb3_trpo_kfac.common.policy_parameters import index_observations, split_actor_critic_parameters
+from sb3_trpo_kfac.common.policy_parameters import (
+    frozen_features_value_fn,
+    index_observations,
+    split_actor_critic_parameters,
+)
 from sb3_trpo_kfac.common.validation import check_float, check_int, check_on_policy_arguments
 from sb3_trpo_kfac.trpo.policies import CnnPolicy, MlpPolicy, MultiInputPolicy
 
@@ -103,6 +107,9 @@ class TRPO(OnPolicyAlgorithm):
         "CnnPolicy": CnnPolicy,
         "MultiInputPolicy": MultiInputPolicy,
     }
+    # Critic minibatch steps skipped since the start of training (non-finite value loss or gradient); saved with
+    # the model once set on it.
+    _critic_skipped_steps: int = 0
 
     def __init__(
         self,
@@ -368,29 +375,16 @@ class TRPO(OnPolicyAlgorithm):
 
     def _critic_fit(self, observations: PyTorchObs, returns: th.Tensor) -> list[float]:
         """
-        ``n_critic_updates`` epochs of minibatch updates of the critic parameters on the value loss.
+        ``n_critic_updates`` epochs of minibatch updates of the critic parameters on the value loss. A minibatch
+        whose value loss or gradient is not finite (a NaN or inf reward, an inf observation) is skipped before it
+        reaches the parameters or Adam's moments, and counted in ``_critic_skipped_steps``.
 
-        :return: the minibatch value losses
+        :return: the value losses of the minibatch steps taken
         """
-        actor_params, critic_params = self._split_parameters(observations)
-        policy = self.policy
-        actor_ids = {id(p) for p in actor_params}
+        _, critic_params = self._split_parameters(observations)
+        optimizer = self.policy.optimizer
         # With a shared extractor the critic step cannot move it, so its features are computed once for all epochs.
-        frozen_extractor = (
-            type(policy).predict_values is ActorCriticPolicy.predict_values
-            and policy.share_features_extractor
-            and all(id(p) in actor_ids for p in policy.features_extractor.parameters())
-        )
-        if frozen_extractor:
-            with th.no_grad():
-                inputs = BasePolicy.extract_features(policy, observations, policy.features_extractor)
-
-            def predict(batch: PyTorchObs) -> th.Tensor:
-                return policy.value_net(policy.mlp_extractor.forward_critic(batch))
-
-        else:
-            inputs = observations
-            predict = policy.predict_values
+        inputs, predict = frozen_features_value_fn(self.policy, observations, critic_params)
 
         value_losses = []
         n_samples = len(returns)
@@ -398,12 +392,16 @@ class TRPO(OnPolicyAlgorithm):
             for indices in th.randperm(n_samples, device=returns.device).split(self.batch_size):
                 values = predict(index_observations(inputs, indices)).flatten()
                 value_loss = F.mse_loss(returns[indices], values)
-                policy.optimizer.zero_grad()
+                optimizer.zero_grad()
                 # Gradients for critic parameters only: the policy step alone moves actor parameters.
                 grads = th.autograd.grad(value_loss, critic_params, allow_unused=True)
+                norms = th._foreach_norm([grad for grad in grads if grad is not None])
+                if not bool(th.isfinite(th.stack([value_loss.detach(), *norms])).all()):
+                    self._critic_skipped_steps += 1
+                    continue
                 for param, grad in zip(critic_params, grads, strict=True):
                     param.grad = grad
-                policy.optimizer.step()
+                optimizer.step()
                 value_losses.append(value_loss.item())
         return value_losses
 
@@ -441,6 +439,7 @@ class TRPO(OnPolicyAlgorithm):
             self.logger.record("train/cg_iterations", stats["cg_iterations"])
         self.logger.record("train/non_finite_step", stats["non_finite_step"])
         self.logger.record("train/zero_gradient_step", stats["zero_gradient_step"])
+        self.logger.record("train/critic_skipped_steps", self._critic_skipped_steps)
         if hasattr(self.policy, "log_std"):
             self.logger.record("train/std", th.exp(self.policy.log_std).mean().item())
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
