@@ -43,7 +43,11 @@ class TRPO(OnPolicyAlgorithm):
 
     Paper: https://arxiv.org/abs/1502.05477 (and John Schulman's thesis, http://joschu.net/docs/thesis.pdf)
 
-    Drop-in for sb3-contrib's ``TRPO``: every keyword has the same name, meaning and default. Per rollout the policy
+    Drop-in for sb3-contrib's ``TRPO``: it accepts every sb3-contrib keyword with the same name and default, and all
+    but two with the same meaning. ``target_kl`` and ``cg_damping`` refer to the KL summed over action dimensions,
+    where sb3-contrib averages it over the d dimensions of Box, MultiDiscrete and MultiBinary actions: a value v of
+    sb3-contrib's corresponds to d·v here (the same for Discrete actions, d = 1). The line search bounds
+    KL(π_old ‖ π_new) where sb3-contrib bounds KL(π_new ‖ π_old), which agree to second order. Per rollout the policy
     takes one natural-gradient step, solving (F + cg_damping·I) s = g by conjugate gradient with F the policy's
     Fisher (computed in Gauss-Newton form, see ``sb3_trpo_kfac.common.fisher``), scaling it to the trust region
     ``target_kl`` and backtracking until KL(π_old ‖ π_new) <= target_kl and the surrogate improves. The critic is
@@ -52,6 +56,11 @@ class TRPO(OnPolicyAlgorithm):
     Actor parameters are those the action distribution depends on; with a shared features extractor these include
     the extractor, so the policy step owns it and the critic step leaves it untouched (only the value-only layers are
     fitted by the critic). With separate extractors (``share_features_extractor=False``) the critic trains its own.
+
+    Non-finite data (a NaN reward, an inf observation) never reaches the parameters: such a policy step is skipped
+    and logged as ``train/non_finite_step``, such critic minibatches are skipped and counted in
+    ``train/critic_skipped_steps`` (since the start of training). A zero policy gradient is logged as
+    ``train/zero_gradient_step``.
 
     :param policy: The policy model to use (MlpPolicy, CnnPolicy, ...)
     :param env: The environment to learn from (if registered in Gym, can be str)
@@ -64,8 +73,7 @@ class TRPO(OnPolicyAlgorithm):
     :param cg_max_steps: maximum number of steps in the Conjugate Gradient algorithm
         for computing the natural gradient step
     :param cg_damping: damping added to the Fisher-vector product (λ in (F + λI) s = g), F being the Fisher of the
-        KL summed over action dimensions (sb3-contrib damps the dimension-averaged F / d, so its direction on a
-        d-dimensional Gaussian action matches ours with d times its cg_damping)
+        KL summed over action dimensions (see above)
     :param line_search_shrinking_factor: step-size reduction factor for the line-search
         (i.e., ``theta_new = theta + alpha^i * step``)
     :param line_search_max_iter: maximum number of iteration for the backtracking line-search
@@ -78,9 +86,8 @@ class TRPO(OnPolicyAlgorithm):
     :param rollout_buffer_class: Rollout buffer class to use. If ``None``, it will be automatically selected.
     :param rollout_buffer_kwargs: Keyword arguments to pass to the rollout buffer on creation
     :param normalize_advantage: Whether to normalize or not the advantage
-    :param target_kl: Trust region: maximum mean KL(π_old ‖ π_new) per update, summed over action dimensions.
-        (sb3-contrib averages Gaussian KLs over action dimensions instead, so its effective bound on a
-        d-dimensional action is d times larger.)
+    :param target_kl: Trust region: maximum mean KL(π_old ‖ π_new) per update, summed over action dimensions
+        (see above)
     :param sub_sampling_factor: Keep every k-th sample of the rollout for the whole policy step
         (gradient, Fisher and line search); see p40-42 of John Schulman's thesis
     :param fisher_subsample: Fraction of the (sub-sampled) batch used for the Fisher-vector products only, while the
