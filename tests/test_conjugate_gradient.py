@@ -44,7 +44,9 @@ def test_preconditioner_reduces_iterations() -> None:
     b = th.randn(40, dtype=th.float64, generator=generator)
     plain = conjugate_gradient(lambda v: a @ v, b, max_iter=500, relative_tol=1e-8)
     diagonal = th.diagonal(a)
-    preconditioned = conjugate_gradient(lambda v: a @ v, b, max_iter=500, relative_tol=1e-8, preconditioner=lambda r: r / diagonal)
+    preconditioned = conjugate_gradient(
+        lambda v: a @ v, b, max_iter=500, relative_tol=1e-8, preconditioner=lambda r: r / diagonal
+    )
     assert th.allclose(preconditioned.solution, th.linalg.solve(a, b), rtol=1e-6)
     assert preconditioned.iterations < plain.iterations / 2
 

@@ -66,7 +66,9 @@ def test_kfac_preconditioned_cg_needs_fewer_iterations_on_a_policy_fisher() -> N
         return flat_concat(kfac.precondition(actor, split_like(vector, actor)))
 
     plain = conjugate_gradient(fisher, gradient, max_iter=300, relative_tol=1e-3)
-    preconditioned = conjugate_gradient(fisher, gradient, max_iter=300, relative_tol=1e-3, preconditioner=preconditioner)
+    preconditioned = conjugate_gradient(
+        fisher, gradient, max_iter=300, relative_tol=1e-3, preconditioner=preconditioner
+    )
     assert plain.relative_residual <= 1e-3 and preconditioned.relative_residual <= 1e-3
     assert preconditioned.iterations <= 0.7 * plain.iterations, (preconditioned.iterations, plain.iterations)
     # Both solve the same system.

@@ -238,7 +238,9 @@ def _depends_on(tensor: th.Tensor, nodes: set) -> bool:
 
 
 def _used_outside_calls(
-    outputs: Sequence[th.Tensor], layers: Sequence[tuple[LinearCall, int | None, int | None]], params: Sequence[th.Tensor]
+    outputs: Sequence[th.Tensor],
+    layers: Sequence[tuple[LinearCall, int | None, int | None]],
+    params: Sequence[th.Tensor],
 ) -> bool:
     """
     Whether the autograd graph of ``outputs`` uses a weight or bias of ``layers`` other than in that layer's

@@ -335,7 +335,9 @@ class TRPO(OnPolicyAlgorithm):
                 for _ in range(self.line_search_max_iter):
                     for param, old, delta in zip(actor_params, old_params, split_like(step, actor_params), strict=True):
                         param.copy_(old + step_fraction * delta)
-                    candidate = self._evaluate_candidate(observations, actions, old_log_prob, advantages, old_distribution)
+                    candidate = self._evaluate_candidate(
+                        observations, actions, old_log_prob, advantages, old_distribution
+                    )
                     if candidate is not None:
                         new_objective, kl = candidate
                         if kl <= self.target_kl and new_objective > objective:
