@@ -1,4 +1,6 @@
 import contextlib
+import io
+import pathlib
 from typing import Any, ClassVar, TypeVar
 
 import torch as th
@@ -14,6 +16,7 @@ from torch.nn import functional as F
 from sb3_trpo_kfac.common.gradient_clipping import clip_grad_norm_
 from sb3_trpo_kfac.common.kfac import INVERSE_MODES, KFAC
 from sb3_trpo_kfac.common.policy_parameters import split_actor_critic_parameters, zero_observations
+from sb3_trpo_kfac.common.saving import OURS, SavedModel, check_model_file
 from sb3_trpo_kfac.common.validation import (
     SUPPORTED_ACTION_SPACES,
     ArgumentError,
@@ -376,4 +379,34 @@ class ACKTR(OnPolicyAlgorithm):
             tb_log_name=tb_log_name,
             reset_num_timesteps=reset_num_timesteps,
             progress_bar=progress_bar,
+        )
+
+    @classmethod
+    def load(  # type: ignore[override]
+        cls: type[SelfACKTR],
+        path: str | pathlib.Path | io.BufferedIOBase,
+        env: GymEnv | None = None,
+        device: th.device | str = "auto",
+        custom_objects: dict[str, Any] | None = None,
+        print_system_info: bool = False,
+        force_reset: bool = True,
+        **kwargs: Any,
+    ) -> SelfACKTR:
+        """
+        Load an ACKTR model (SB3's ``load``, see its parameters). It first checks the file: one that is not a
+        readable model zip, or that holds another algorithm's model (TRPO, A2C, PPO, ...; an A2C model's optimizer
+        state is not K-FAC's), is refused with a ``ValueError`` saying what it holds. The ``kwargs`` that are
+        constructor keywords are checked as the constructor checks them.
+
+        :return: the loaded model
+        """
+        check_model_file(cls, (SavedModel("ACKTR", OURS),), path, custom_objects, kwargs)
+        return super().load(
+            path,
+            env=env,
+            device=device,
+            custom_objects=custom_objects,
+            print_system_info=print_system_info,
+            force_reset=force_reset,
+            **kwargs,
         )

@@ -1,4 +1,6 @@
 import contextlib
+import io
+import pathlib
 import warnings
 from typing import Any, ClassVar, TypeVar
 
@@ -24,6 +26,7 @@ from sb3_trpo_kfac.common.fisher import (
     split_like,
 )
 from sb3_trpo_kfac.common.policy_parameters import index_observations, split_actor_critic_parameters
+from sb3_trpo_kfac.common.saving import CONTRIB, OURS, SavedModel, check_model_file, kl_dimensions
 from sb3_trpo_kfac.common.validation import (
     SUPPORTED_ACTION_SPACES,
     check_bool,
@@ -420,4 +423,44 @@ class TRPO(OnPolicyAlgorithm):
             tb_log_name=tb_log_name,
             reset_num_timesteps=reset_num_timesteps,
             progress_bar=progress_bar,
+        )
+
+    @classmethod
+    def load(  # type: ignore[override]
+        cls: type[SelfTRPO],
+        path: str | pathlib.Path | io.BufferedIOBase,
+        env: GymEnv | None = None,
+        device: th.device | str = "auto",
+        custom_objects: dict[str, Any] | None = None,
+        print_system_info: bool = False,
+        force_reset: bool = True,
+        **kwargs: Any,
+    ) -> SelfTRPO:
+        """
+        Load a TRPO model (SB3's ``load``, see its parameters). It first checks the file: one that is not a
+        readable model zip, or that holds another algorithm's model (ACKTR, A2C, PPO, ...), is refused with a
+        ``ValueError`` saying what it holds. A file of sb3-contrib's TRPO loads as it is (same keywords; see the
+        class docstring for the two that differ by the action dimension: a warning says so when they do). The
+        ``kwargs`` that are constructor keywords are checked as the constructor checks them.
+
+        :return: the loaded model
+        """
+        accepted = (SavedModel("TRPO", OURS), SavedModel("TRPO", CONTRIB))
+        saved, data = check_model_file(cls, accepted, path, custom_objects, kwargs)
+        dimensions = kl_dimensions(data["action_space"]) if "action_space" in data else 1
+        if saved.library == CONTRIB and dimensions > 1:
+            warnings.warn(
+                f"Loading a model of sb3-contrib's TRPO: its target_kl ({data.get('target_kl')}) and cg_damping "
+                f"({data.get('cg_damping')}) are kept, but sb3-contrib averages the KL over the {dimensions} action "
+                f"dimensions where this TRPO sums it: its trust region is {dimensions} times larger. To keep its "
+                f"steps, load with target_kl and cg_damping multiplied by {dimensions}."
+            )
+        return super().load(
+            path,
+            env=env,
+            device=device,
+            custom_objects=custom_objects,
+            print_system_info=print_system_info,
+            force_reset=force_reset,
+            **kwargs,
         )
