@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch as th
 from sb3_contrib import TRPO as ContribTRPO
-from stable_baselines3 import A2C, PPO
-from stable_baselines3.common.envs import IdentityEnv, IdentityEnvMultiBinary
+from stable_baselines3 import A2C, DDPG, DQN, PPO, SAC
+from stable_baselines3.common.envs import IdentityEnv, IdentityEnvBox, IdentityEnvMultiBinary
 
 from sb3_trpo_kfac import ACKTR, TRPO
 from sb3_trpo_kfac.common.validation import ArgumentError, ArgumentTypeError
@@ -33,6 +33,14 @@ MAKERS = {
 }
 
 
+# off-policy algorithms, saved untrained: recognized by their policy classes' modules
+OFF_POLICY = {
+    "sac": lambda: SAC("MlpPolicy", IdentityEnvBox(), buffer_size=16, policy_kwargs=dict(net_arch=[4])),
+    "ddpg": lambda: DDPG("MlpPolicy", IdentityEnvBox(), buffer_size=16, policy_kwargs=dict(net_arch=[4])),
+    "dqn": lambda: DQN("MlpPolicy", IdentityEnv(2), buffer_size=16, policy_kwargs=dict(net_arch=[4])),
+}
+
+
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny models trained for two updates (their optimizers have state) and saved, one per algorithm."""
@@ -41,6 +49,9 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     for name, make in MAKERS.items():
         paths[name] = folder / f"{name}.zip"
         make(IdentityEnv(2)).learn(16).save(paths[name])
+    for name, make_off_policy in OFF_POLICY.items():
+        paths[name] = folder / f"{name}.zip"
+        make_off_policy().save(paths[name])
     return paths
 
 
@@ -54,6 +65,9 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         (ACKTR, "ppo", "a PPO model (saved by stable-baselines3), expected ACKTR", "stable_baselines3.PPO.load"),
         (TRPO, "ppo", "a PPO model (saved by stable-baselines3), expected TRPO", "stable_baselines3.PPO.load"),
         (ACKTR, "contrib_trpo", "a TRPO model (saved by sb3-contrib), expected ACKTR", "sb3_contrib.TRPO.load"),
+        (TRPO, "sac", "a SAC model (saved by stable-baselines3), expected TRPO", "stable_baselines3.SAC.load"),
+        (ACKTR, "ddpg", "a DDPG model (saved by stable-baselines3), expected ACKTR", "stable_baselines3.DDPG.load"),
+        (ACKTR, "dqn", "a DQN model (saved by stable-baselines3), expected ACKTR", "stable_baselines3.DQN.load"),
     ],
 )
 def test_another_algorithms_file_is_refused_saying_what_it_holds(saved, algorithm, file, holds, hint) -> None:

@@ -83,8 +83,8 @@ def identify_saved_model(data: dict[str, Any]) -> SavedModel:
     folder = rest.split(".")[0]
     if package in _LIBRARIES and folder not in ("", "common"):
         algorithm = _ALGORITHM_FOLDERS.get(folder, folder.upper())
-        if algorithm == "TD3" and data.get("policy_delay") == 1 and data.get("target_policy_noise") == 0:
-            algorithm = "DDPG"  # SB3's DDPG is its TD3 without the delay and the target noise
+        if algorithm == "TD3" and data.get("policy_delay") == 1 and data.get("target_noise_clip") == 0:
+            algorithm = "DDPG"  # SB3's DDPG is its TD3 without the policy delay and with the target noise clipped to 0
         return SavedModel(algorithm, _LIBRARIES[package])
     if {"n_steps", "gae_lambda", "ent_coef", "vf_coef"} <= keys and module == "stable_baselines3.common.policies":
         return SavedModel("A2C", SB3)  # the on-policy algorithm without attributes of its own
@@ -158,7 +158,10 @@ def check_model_file(
         hint = f"; load it with {saved.loader}" if saved.loader is not None else ""
         raise ArgumentError(f"{_shown_path(path)}: this file holds {saved}, expected {accepted[0].algorithm}{hint}")
     keywords = set(inspect.signature(algorithm.__init__).parameters) - {"self", "env", "device", "_init_setup_model"}
-    to_check = {key: value for key, value in load_kwargs.items() if key in keywords}
+    # dicts copied: SB3's load compares the given policy_kwargs with the saved ones afterwards
+    to_check = {
+        key: dict(value) if isinstance(value, dict) else value for key, value in load_kwargs.items() if key in keywords
+    }
     if to_check:
         # the constructor's own checks, on an instance without environment or network
         with contextlib.redirect_stdout(io.StringIO()):
