@@ -148,6 +148,11 @@ def check_learning_rate(name: str, value: object) -> float | Callable[[float], f
     except Exception as error:
         message = f"`{name}`: the schedule fails at progress 1.0 ({type(error).__name__}: {error})"
         raise ArgumentError(message) from error
+    if not isinstance(start, numbers.Real):
+        try:  # SB3 takes float() of the schedule's values (a 0-d tensor, ...)
+            start = float(start)  # type: ignore[arg-type]
+        except (TypeError, ValueError) as error:
+            raise ArgumentTypeError(f"`{name}(1.0)` must be a number, got {_shown(start)}") from error
     check_float(f"{name}(1.0)", start, low=0.0)
     return value
 
