@@ -382,7 +382,7 @@ class ACKTR(OnPolicyAlgorithm):
         )
 
     @classmethod
-    def load(  # type: ignore[override]
+    def load(
         cls: type[SelfACKTR],
         path: str | pathlib.Path | io.BufferedIOBase,
         env: GymEnv | None = None,
@@ -393,11 +393,18 @@ class ACKTR(OnPolicyAlgorithm):
         **kwargs: Any,
     ) -> SelfACKTR:
         """
-        Load an ACKTR model (SB3's ``load``, see its parameters). It first checks the file: one that is not a
-        readable model zip, or that holds another algorithm's model (TRPO, A2C, PPO, ...; an A2C model's optimizer
+        Load an ACKTR model as SB3's ``load`` does, after checking the file: one that is not a readable model
+        zip, or that holds another algorithm's model (TRPO, A2C, PPO, ...; an A2C model's optimizer
         state is not K-FAC's), is refused with a ``ValueError`` saying what it holds. The ``kwargs`` that are
         constructor keywords are checked as the constructor checks them.
 
+        :param path: the file (a path, with or without ".zip", or a binary file object)
+        :param env: the environment to run the loaded model on (if None, the saved one, if any)
+        :param device: device on which the model should run
+        :param custom_objects: saved attributes to replace instead of reading them (e.g. unreadable ones)
+        :param print_system_info: whether to print the system information of the saving and of this machine
+        :param force_reset: reset the environment before the next ``learn()``
+        :param kwargs: attributes to set on the loaded model
         :return: the loaded model
         """
         check_model_file(cls, (SavedModel("ACKTR", OURS),), path, custom_objects, kwargs)

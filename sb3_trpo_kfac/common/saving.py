@@ -33,7 +33,8 @@ _SIGNATURES = (
     ({"cg_damping", "fisher_subsample"}, "TRPO", OURS),
     ({"cg_damping", "line_search_shrinking_factor"}, "TRPO", CONTRIB),
 )
-# Class names of the algorithms whose policies live in a folder of that name (stable_baselines3.sac.policies, ...).
+# An algorithm's policies live in its folder (stable_baselines3.sac.policies): the class names that are not the folder
+# name in capitals.
 _ALGORITHM_FOLDERS = {"crossq": "CrossQ", "qrdqn": "QRDQN"}
 
 
@@ -159,13 +160,14 @@ def check_model_file(
         raise ArgumentError(f"{_shown_path(path)}: this file holds {saved}, expected {accepted[0].algorithm}{hint}")
     keywords = set(inspect.signature(algorithm.__init__).parameters) - {"self", "env", "device", "_init_setup_model"}
     # dicts copied: SB3's load compares the given policy_kwargs with the saved ones afterwards
-    to_check = {
+    to_check: dict[str, Any] = {
         key: dict(value) if isinstance(value, dict) else value for key, value in load_kwargs.items() if key in keywords
     }
     if to_check:
         # the constructor's own checks, on an instance without environment or network
+        arguments: dict[str, Any] = {"policy": "MlpPolicy", **to_check, "env": None, "device": "cpu"}
         with contextlib.redirect_stdout(io.StringIO()):
-            algorithm(**{"policy": "MlpPolicy", **to_check, "env": None, "device": "cpu", "_init_setup_model": False})
+            algorithm(**arguments, _init_setup_model=False)
     return saved, data
 
 

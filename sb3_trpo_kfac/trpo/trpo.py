@@ -426,7 +426,7 @@ class TRPO(OnPolicyAlgorithm):
         )
 
     @classmethod
-    def load(  # type: ignore[override]
+    def load(
         cls: type[SelfTRPO],
         path: str | pathlib.Path | io.BufferedIOBase,
         env: GymEnv | None = None,
@@ -437,12 +437,19 @@ class TRPO(OnPolicyAlgorithm):
         **kwargs: Any,
     ) -> SelfTRPO:
         """
-        Load a TRPO model (SB3's ``load``, see its parameters). It first checks the file: one that is not a
-        readable model zip, or that holds another algorithm's model (ACKTR, A2C, PPO, ...), is refused with a
+        Load a TRPO model as SB3's ``load`` does, after checking the file: one that is not a readable model
+        zip, or that holds another algorithm's model (ACKTR, A2C, PPO, ...), is refused with a
         ``ValueError`` saying what it holds. A file of sb3-contrib's TRPO loads as it is (same keywords; see the
         class docstring for the two that differ by the action dimension: a warning says so when they do). The
         ``kwargs`` that are constructor keywords are checked as the constructor checks them.
 
+        :param path: the file (a path, with or without ".zip", or a binary file object)
+        :param env: the environment to run the loaded model on (if None, the saved one, if any)
+        :param device: device on which the model should run
+        :param custom_objects: saved attributes to replace instead of reading them (e.g. unreadable ones)
+        :param print_system_info: whether to print the system information of the saving and of this machine
+        :param force_reset: reset the environment before the next ``learn()``
+        :param kwargs: attributes to set on the loaded model
         :return: the loaded model
         """
         accepted = (SavedModel("TRPO", OURS), SavedModel("TRPO", CONTRIB))
