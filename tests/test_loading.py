@@ -4,7 +4,10 @@ unreadable files are named as such; files of earlier versions, of sb3-contrib's 
 still load.
 """
 
+import base64
 import io
+import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -89,8 +92,6 @@ def test_truncated_file_is_not_a_readable_model_zip(saved, tmp_path, algorithm, 
 
 
 def test_a_zip_without_a_model_is_not_a_readable_model_zip(tmp_path) -> None:
-    import zipfile
-
     path = tmp_path / "other.zip"
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("notes.txt", "not a model")
@@ -98,6 +99,22 @@ def test_a_zip_without_a_model_is_not_a_readable_model_zip(tmp_path) -> None:
         TRPO.load(path)
     with pytest.raises(FileNotFoundError):  # a missing file stays what it is
         ACKTR.load(tmp_path / "missing.zip")
+
+
+def test_a_file_needing_a_missing_module_keeps_its_import_error(saved, tmp_path) -> None:
+    """Not a corrupt file: e.g. one saved under numpy 2 and read under numpy 1 (its pickles name numpy._core)."""
+    path = tmp_path / "needs_a_module.zip"
+    with zipfile.ZipFile(saved["trpo"]) as source, zipfile.ZipFile(path, "w") as target:
+        for name in source.namelist():
+            content = source.read(name)
+            if name == "data":
+                data = json.loads(content)
+                pickled = b"cno_such_module_for_this_test\nThing\n."  # a pickle of a class from that module
+                data["thing"] = {":type:": "<class 'type'>", ":serialized:": base64.b64encode(pickled).decode()}
+                content = json.dumps(data).encode()
+            target.writestr(name, content)
+    with pytest.raises(ModuleNotFoundError, match="no_such_module_for_this_test"):
+        TRPO.load(path)
 
 
 @pytest.mark.parametrize("algorithm, file", [(TRPO, "trpo"), (ACKTR, "acktr")])
