@@ -1,4 +1,6 @@
 import contextlib
+import io
+import pathlib
 from typing import Any, ClassVar, TypeVar
 
 import torch as th
@@ -18,7 +20,17 @@ from sb3_trpo_kfac.common.policy_parameters import (
     split_actor_critic_parameters,
     zero_observations,
 )
-from sb3_trpo_kfac.common.validation import check_float, check_int, check_on_policy_arguments
+from sb3_trpo_kfac.common.saving import OURS, SavedModel, check_model_file
+from sb3_trpo_kfac.common.validation import (
+    SUPPORTED_ACTION_SPACES,
+    ArgumentError,
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    check_on_policy_arguments,
+    check_rollout_size,
+)
 
 SelfACKTR = TypeVar("SelfACKTR", bound="ACKTR")
 
@@ -177,50 +189,14 @@ class ACKTR(OnPolicyAlgorithm):
         _init_setup_model: bool = True,
     ):
         # Fail before building anything.
-        if use_rms_prop:
-            raise ValueError("`use_rms_prop=True` is not supported: ACKTR's optimizer is K-FAC (leave it False)")
-        for key in ("optimizer_class", "optimizer_kwargs"):
-            if policy_kwargs is not None and key in policy_kwargs:
-                raise ValueError(f"`policy_kwargs['{key}']` is not supported: ACKTR's optimizer is K-FAC")
-        check_on_policy_arguments(learning_rate, n_steps, gamma, gae_lambda)
-        check_float("ent_coef", ent_coef)
-        check_float("vf_coef", vf_coef, 0.0)
-        check_float("max_grad_norm", max_grad_norm, 0.0, low_inclusive=False)
-        self.kfac_clip = check_float("kfac_clip", kfac_clip, 0.0, low_inclusive=False)
-        self.vf_kfac_clip = (
-            None if vf_kfac_clip is None else check_float("vf_kfac_clip", vf_kfac_clip, 0.0, low_inclusive=False)
-        )
-        self.n_critic_updates = check_int("n_critic_updates", n_critic_updates, 1)
-        self.damping = check_float("damping", damping, 0.0, low_inclusive=False)
-        self.momentum = check_float("momentum", momentum, 0.0, 1.0)
-        if self.momentum == 1.0:
-            raise ValueError("`momentum` must be < 1 (the step is learning_rate * (1 - momentum))")
-        self.stats_decay = check_float("stats_decay", stats_decay, 0.0, 1.0)
-        if self.stats_decay == 1.0:
-            raise ValueError("`stats_decay` must be < 1, otherwise the statistics never change")
-        self.kfac_update = check_int("kfac_update", kfac_update, 1)
-        self.kfac_stats_interval = check_int("kfac_stats_interval", kfac_stats_interval, 1)
-        if kfac_inverse not in INVERSE_MODES:
-            raise ValueError(f"`kfac_inverse` must be one of {INVERSE_MODES}, got {kfac_inverse!r}")
-        self.kfac_inverse = kfac_inverse
-        self.kfac_low_rank = None if kfac_low_rank is None else check_int("kfac_low_rank", kfac_low_rank, 1)
-        if not isinstance(kfac_async, bool):
-            raise TypeError(f"`kfac_async` must be a bool, got {type(kfac_async).__name__}")
-        self.kfac_async = kfac_async
-        self.kfac_refine = check_int("kfac_refine", kfac_refine, 0)
-        self.vf_fisher_coef = check_float("vf_fisher_coef", vf_fisher_coef, 0.0)
-        self.cold_iter = check_int("cold_iter", cold_iter, 0)
-
-        super().__init__(
-            policy,
-            env,
+        on_policy_kwargs = check_on_policy_arguments(
+            self.policy_aliases,
+            policy=policy,
+            env=env,
             learning_rate=learning_rate,
             n_steps=n_steps,
             gamma=gamma,
             gae_lambda=gae_lambda,
-            ent_coef=ent_coef,
-            vf_coef=vf_coef,
-            max_grad_norm=max_grad_norm,
             use_sde=use_sde,
             sde_sample_freq=sde_sample_freq,
             rollout_buffer_class=rollout_buffer_class,
@@ -229,15 +205,47 @@ class ACKTR(OnPolicyAlgorithm):
             tensorboard_log=tensorboard_log,
             policy_kwargs=policy_kwargs,
             verbose=verbose,
-            device=device,
             seed=seed,
+            device=device,
+        )
+        if check_bool("use_rms_prop", use_rms_prop):
+            raise ArgumentError("`use_rms_prop=True` is not supported: ACKTR's optimizer is K-FAC (leave it False)")
+        for key in ("optimizer_class", "optimizer_kwargs"):
+            if policy_kwargs is not None and key in policy_kwargs:
+                raise ArgumentError(f"`policy_kwargs['{key}']` is not supported: ACKTR's optimizer is K-FAC")
+        check_float("rms_prop_eps", rms_prop_eps, 0.0)  # accepted for A2C compatibility, unused
+        normalize_advantage = check_bool("normalize_advantage", normalize_advantage)
+        check_rollout_size(on_policy_kwargs["n_steps"], env, normalize_advantage)
+        check_bool("_init_setup_model", _init_setup_model)
+        ent_coef = check_float("ent_coef", ent_coef, 0.0)
+        vf_coef = check_float("vf_coef", vf_coef, 0.0)
+        # inf: no clipping, as in A2C
+        max_grad_norm = check_float("max_grad_norm", max_grad_norm, 0.0, low_inclusive=False, allow_inf=True)
+        self.kfac_clip = check_float("kfac_clip", kfac_clip, 0.0, low_inclusive=False)
+        self.vf_kfac_clip = (
+            None if vf_kfac_clip is None else check_float("vf_kfac_clip", vf_kfac_clip, 0.0, low_inclusive=False)
+        )
+        self.n_critic_updates = check_int("n_critic_updates", n_critic_updates, 1)
+        self.damping = check_float("damping", damping, 0.0, low_inclusive=False)
+        # the step is learning_rate * (1 - momentum); statistics with stats_decay 1 would never change
+        self.momentum = check_float("momentum", momentum, 0.0, 1.0, high_inclusive=False)
+        self.stats_decay = check_float("stats_decay", stats_decay, 0.0, 1.0, high_inclusive=False)
+        self.kfac_update = check_int("kfac_update", kfac_update, 1)
+        self.kfac_stats_interval = check_int("kfac_stats_interval", kfac_stats_interval, 1)
+        self.kfac_inverse = check_choice("kfac_inverse", kfac_inverse, INVERSE_MODES)
+        self.kfac_low_rank = None if kfac_low_rank is None else check_int("kfac_low_rank", kfac_low_rank, 1)
+        self.kfac_async = check_bool("kfac_async", kfac_async)
+        self.kfac_refine = check_int("kfac_refine", kfac_refine, 0)
+        self.vf_fisher_coef = check_float("vf_fisher_coef", vf_fisher_coef, 0.0)
+        self.cold_iter = check_int("cold_iter", cold_iter, 0)
+
+        super().__init__(
+            ent_coef=ent_coef,
+            vf_coef=vf_coef,
+            max_grad_norm=max_grad_norm,
             _init_setup_model=False,
-            supported_action_spaces=(
-                spaces.Box,
-                spaces.Discrete,
-                spaces.MultiDiscrete,
-                spaces.MultiBinary,
-            ),
+            supported_action_spaces=SUPPORTED_ACTION_SPACES,
+            **on_policy_kwargs,
         )
 
         self.normalize_advantage = normalize_advantage
@@ -385,4 +393,41 @@ class ACKTR(OnPolicyAlgorithm):
             tb_log_name=tb_log_name,
             reset_num_timesteps=reset_num_timesteps,
             progress_bar=progress_bar,
+        )
+
+    @classmethod
+    def load(
+        cls: type[SelfACKTR],
+        path: str | pathlib.Path | io.BufferedIOBase,
+        env: GymEnv | None = None,
+        device: th.device | str = "auto",
+        custom_objects: dict[str, Any] | None = None,
+        print_system_info: bool = False,
+        force_reset: bool = True,
+        **kwargs: Any,
+    ) -> SelfACKTR:
+        """
+        Load an ACKTR model as SB3's ``load`` does, after checking the file: one that is not a readable model
+        zip, or that holds another algorithm's model (TRPO, A2C, PPO, ...; an A2C model's optimizer
+        state is not K-FAC's), is refused with a ``ValueError`` saying what it holds. The ``kwargs`` that are
+        constructor keywords are checked as the constructor checks them.
+
+        :param path: the file (a path, with or without ".zip", or a binary file object)
+        :param env: the environment to run the loaded model on (if None, the saved one, if any)
+        :param device: device on which the model should run
+        :param custom_objects: saved attributes to replace instead of reading them (e.g. unreadable ones)
+        :param print_system_info: whether to print the system information of the saving and of this machine
+        :param force_reset: reset the environment before the next ``learn()``
+        :param kwargs: attributes to set on the loaded model
+        :return: the loaded model
+        """
+        check_model_file(cls, (SavedModel("ACKTR", OURS),), path, custom_objects, kwargs)
+        return super().load(
+            path,
+            env=env,
+            device=device,
+            custom_objects=custom_objects,
+            print_system_info=print_system_info,
+            force_reset=force_reset,
+            **kwargs,
         )

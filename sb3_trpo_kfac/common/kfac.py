@@ -51,7 +51,14 @@ import torch as th
 from torch import nn
 from torch.nn import functional as F
 
-from sb3_trpo_kfac.common.validation import check_float, check_int
+from sb3_trpo_kfac.common.validation import (
+    ArgumentError,
+    ArgumentTypeError,
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+)
 
 INVERSE_MODES = ("eigen", "inverse")
 # Eigenvalues below this are treated as exact zeros (numerical noise of eigh on a PSD matrix).
@@ -269,27 +276,22 @@ class KFAC(th.optim.Optimizer):
         params: Iterable[nn.Parameter] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
-            raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+            raise ArgumentTypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
         lr = check_float("lr", lr, 0.0)
-        momentum = check_float("momentum", momentum, 0.0, 1.0)
-        if momentum == 1.0:
-            raise ValueError("`momentum` must be < 1 (the step is lr * (1 - momentum))")
+        # the step is lr * (1 - momentum); statistics with stats_decay 1 would never change
+        momentum = check_float("momentum", momentum, 0.0, 1.0, high_inclusive=False)
         weight_decay = check_float("weight_decay", weight_decay, 0.0)
-        self.stats_decay = check_float("stats_decay", stats_decay, 0.0, 1.0)
-        if self.stats_decay == 1.0:
-            raise ValueError("`stats_decay` must be < 1, otherwise the statistics never change")
+        self.stats_decay = check_float("stats_decay", stats_decay, 0.0, 1.0, high_inclusive=False)
         self.damping = check_float("damping", damping, 0.0, low_inclusive=False)
         self.kfac_update = check_int("kfac_update", kfac_update, 1)
         self.cold_iter = check_int("cold_iter", cold_iter, 0)
-        self.cold_max_grad_norm = check_float("cold_max_grad_norm", cold_max_grad_norm, 0.0, low_inclusive=False)
-        if inverse not in INVERSE_MODES:
-            raise ValueError(f"`inverse` must be one of {INVERSE_MODES}, got {inverse!r}")
-        self.inverse = inverse
+        self.cold_max_grad_norm = check_float(  # inf: no clipping
+            "cold_max_grad_norm", cold_max_grad_norm, 0.0, low_inclusive=False, allow_inf=True
+        )
+        self.inverse = check_choice("inverse", inverse, INVERSE_MODES)
         self.low_rank = None if low_rank is None else check_int("low_rank", low_rank, 1)
         self.low_rank_min_dim = check_int("low_rank_min_dim", low_rank_min_dim, 1)
-        if not isinstance(async_decomposition, bool):
-            raise TypeError(f"`async_decomposition` must be a bool, got {type(async_decomposition).__name__}")
-        self.async_decomposition = async_decomposition
+        self.async_decomposition = check_bool("async_decomposition", async_decomposition)
         self.refine_iterations = check_int("refine_iterations", refine_iterations, 0)
         self._executor: ThreadPoolExecutor | None = None
         # (future, job, stats_updates of its snapshot) of the background decomposition in flight
@@ -306,7 +308,7 @@ class KFAC(th.optim.Optimizer):
                 block.bias is not None
                 and group_of.get(id(block.bias), group_of[id(block.weight)]) != group_of[id(block.weight)]
             ):
-                raise ValueError(f"`params`: the weight and bias of {block.name} are in different parameter groups")
+                raise ArgumentError(f"`params`: the weight and bias of {block.name} are in different parameter groups")
         # the trust region (parameter group) each block's ⟨V, ∇⟩ counts in
         self._block_group = {block: group_of[id(block.weight)] for block in self.blocks}
         # per block: its calls saved inside collect(), as (module, input, version of the input, output)
