@@ -145,7 +145,7 @@ class ZooEntry:
         :param extra: further fields (a budget, a case name)
         :return: the JSON text; values JSON cannot hold (schedules, classes) as their ``repr``
         """
-        fields: dict[str, Any] = dict(algo=self.algo, env_id=self.env_id, shipped_by=self.shipped_by)
+        fields: dict[str, Any] = {"algo": self.algo, "env_id": self.env_id, "shipped_by": self.shipped_by}
         fields.update(settings=self.settings, policy=self.policy, kwargs=self.kwargs, n_envs=self.n_envs)
         fields.update(n_timesteps=self.n_timesteps, normalize=self.normalize, **extra)
         return json.dumps(fields, default=repr, sort_keys=True)
