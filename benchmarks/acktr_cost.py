@@ -13,11 +13,11 @@ acktr.yml, 8 envs x 10 steps and extra critic steps), timed per environment step
     python benchmarks/acktr_cost.py --cases entries
     python benchmarks/acktr_cost.py --dry-run     # the settings of every model it would time, as JSON
 
-After a warm-up, the models are timed in turn (``time_in_turn`` of benchmarks/common.py), ``--block-*`` updates each,
-for ``--rounds-*`` rounds: short interleaved blocks spread any drift of the machine (frequency, neighbours) over all of them; a block covers whole
-cycles of the amortized settings. Printed: the ratio of total times and the median of the per-round ratios, the
-figure to read on a shared machine (on ours, neighbouring blocks of the same model differed by up to 2x, and a few
-slow blocks move the total). ACKTR runs with each setting in ``ACKTR_KWARGS``:
+After a warm-up, the models are timed in turn (``time_in_turn`` of benchmarks/common.py), ``--block-*`` updates
+each, for ``--rounds-*`` rounds: short interleaved blocks spread any drift of the machine (frequency, neighbours)
+over all of them; a block covers whole cycles of the amortized settings. Printed: the ratio of total times and the
+median of the per-round ratios, the figure to read on a shared machine (on ours, neighbouring blocks of the same
+model differed by up to 2x, and a few slow blocks move the total). ACKTR runs with each setting in ``ACKTR_KWARGS``:
 
 - mlp "fresh": eigendecompositions and statistics at every update (ACKTR's defaults);
 - mlp "fresh async": the same with ``kfac_async=True``: the eigendecompositions run in a background thread

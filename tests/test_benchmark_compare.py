@@ -49,7 +49,7 @@ def parse(command: list[str]) -> tuple[str, dict[str, str]]:
         assert rest[0] == "train"
         rest = rest[1:]
     assert len(rest) % 2 == 0 and all(key.startswith("-") for key in rest[::2]), rest
-    return module, dict(zip(rest[::2], rest[1::2]))
+    return module, dict(zip(rest[::2], rest[1::2], strict=True))
 
 
 def rl_zoo3_entries(zoo_name: str) -> dict[str, Any]:
