@@ -171,6 +171,23 @@ def test_other_broken_pipes_still_raise(monkeypatch):
         main(["train", "--algo", "acktr"])
 
 
+def test_zoo_subprocesses_run_as_our_commands(monkeypatch):
+    calls = []
+    monkeypatch.setattr(subprocess, "call", lambda args, *rest, **kwargs: calls.append(args) or 0)
+    with cli._zoo_subprocesses_run_here():
+        # what rl-zoo3's record_training and benchmark run
+        subprocess.call(["python", "-m", "rl_zoo3.record_video", "--algo", "acktr"])
+        subprocess.call(["python", "enjoy.py", "--algo", "acktr", "--no-render"])
+        subprocess.call(["ffmpeg", "-i", "x.mp4"])
+    subprocess.call(["python", "enjoy.py"])  # restored afterwards
+    assert calls == [
+        [sys.executable, "-m", "sb3_trpo_kfac", "record_video", "--algo", "acktr"],
+        [sys.executable, "-m", "sb3_trpo_kfac", "enjoy", "--algo", "acktr", "--no-render"],
+        ["ffmpeg", "-i", "x.mp4"],
+        ["python", "enjoy.py"],
+    ]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Real runs: two short trainings (the second continues the first), then plots and videos of them
 # ---------------------------------------------------------------------------------------------------------------

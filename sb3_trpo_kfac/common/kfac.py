@@ -528,7 +528,8 @@ class KFAC(th.optim.Optimizer):
                 return evals.to(mat.dtype), evecs.to(mat.dtype)
         if failures is not None:
             failures.append(
-                f"KFAC: eigendecomposition of a factor of {name} failed ({_describe_factor(mat)}); keeping the previous basis"
+                f"KFAC: eigendecomposition of a factor of {name} failed ({_describe_factor(mat)}); "
+                "keeping the previous basis"
             )
         return previous
 

@@ -175,10 +175,11 @@ def saved_config_as_conf_file(args: Sequence[str]) -> list[str]:
         if not file.readline().startswith("!!python/object/apply:collections.OrderedDict"):
             return list(args)
     # Loaded in rl-zoo3's process the way rl-zoo3 reads this file itself (utils.get_saved_hyperparams).
+    saved = str(Path(path).resolve())
     source = (
-        f"# Written by {PACKAGE}: the hyperparameters saved in {str(Path(path).resolve())!r}, as the entry of {known.env!r}\n"
+        f"# Written by {PACKAGE}: the hyperparameters saved in {saved!r}, as the entry of {known.env!r}\n"
         "import yaml\n\n"
-        f"with open({str(Path(path).resolve())!r}) as file:\n"
+        f"with open({saved!r}) as file:\n"
         f"    hyperparams = {{{known.env!r}: dict(yaml.load(file, Loader=yaml.UnsafeLoader))}}\n"
     )
     generated = Path(tempfile.mkdtemp(prefix=f"{PACKAGE}_")) / "saved_config.py"
@@ -259,8 +260,8 @@ def _check_push_to_hub(prog: str) -> None:
         from importlib.metadata import version
 
         _fail(
-            f"{prog}: push_to_hub cannot run: rl-zoo3 {version('rl_zoo3')}'s push_to_hub does not work with the installed "
-            f"huggingface_sb3 (sb3-team-hf-integration {version('sb3-team-hf-integration')}): {error}"
+            f"{prog}: push_to_hub cannot run: rl-zoo3 {version('rl_zoo3')}'s push_to_hub does not work with the "
+            f"installed huggingface_sb3 (sb3-team-hf-integration {version('sb3-team-hf-integration')}): {error}"
         )
 
 
@@ -269,6 +270,9 @@ def _ffmpeg_on_path(prog: str, name: str) -> Iterator[None]:
     """
     Make an ``ffmpeg`` executable callable by name, as ``record_training`` and ``push_to_hub`` call it
     (``os.system("ffmpeg ...")``): the system's, or else the one the ``imageio-ffmpeg`` package ships (moviepy's).
+
+    :param prog: the program name, for the message if there is none
+    :param name: the command
     """
     if shutil.which("ffmpeg") is not None:
         yield
@@ -315,6 +319,13 @@ def _zoo_subprocesses_run_here() -> Iterator[None]:
 
 
 def _run(prog: str, name: str, args: list[str]) -> None:
+    """
+    Check a command's requirements, register our algorithms and run the rl-zoo3 script in this process.
+
+    :param prog: the program name, for messages and the scripts' usage lines
+    :param name: the command
+    :param args: its arguments
+    """
     command = COMMANDS[name]
     check_requirements(prog, name, args)
     register()
@@ -369,6 +380,8 @@ def _exit_quietly_if_stdout_closed(error: BrokenPipeError, code: int | str | Non
 
 def _flush_stdout(code: int | str | None) -> None:
     # A reader that went away shows here at the latest, not in a traceback at interpreter exit.
+    if sys.stdout is None:  # no console (pythonw)
+        return
     try:
         sys.stdout.flush()
     except BrokenPipeError as error:
