@@ -32,7 +32,8 @@ def push_to_hub_can_run() -> bool:
     return True
 
 
-def command(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+def command(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run the command; it must succeed."""
     result = subprocess.run(
         [sys.executable, "-m", "sb3_trpo_kfac", *args],
         cwd=cwd,
@@ -42,8 +43,7 @@ def command(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedPr
         check=False,
         timeout=600,
     )
-    if check:
-        assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result
 
 
