@@ -40,15 +40,15 @@ import json
 from typing import Any
 
 import torch as th
+
+# benchmarks/common.py (run as a script, a benchmark has its folder on sys.path)
+from common import OURS, RL_ZOO3, ZooEntry, time_in_turn, zoo_entry
 from stable_baselines3 import A2C
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.envs import FakeImageEnv
 
 from sb3_trpo_kfac.acktr import ACKTR
-
-# benchmarks/common.py (run as a script, a benchmark has its folder on sys.path)
-from common import OURS, RL_ZOO3, ZooEntry, time_in_turn, zoo_entry
 
 ACKTR_KWARGS: dict[str, dict[str, dict[str, Any]]] = {
     "mlp": {

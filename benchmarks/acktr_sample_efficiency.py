@@ -21,13 +21,13 @@ from typing import Any
 
 import numpy as np
 import torch as th
+
+# benchmarks/common.py (run as a script, a benchmark has its folder on sys.path)
+from common import OURS, RL_ZOO3, ZooEntry, timed, zoo_entry
 from stable_baselines3 import A2C
 from stable_baselines3.common.callbacks import BaseCallback
 
 from sb3_trpo_kfac.acktr import ACKTR
-
-# benchmarks/common.py (run as a script, a benchmark has its folder on sys.path)
-from common import OURS, RL_ZOO3, ZooEntry, timed, zoo_entry
 
 ENV_ID = "CartPole-v1"
 TARGET = 475.0

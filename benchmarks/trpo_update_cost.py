@@ -2,7 +2,8 @@
 Time TRPO updates: ours against sb3-contrib's, identical settings, data and initial weights, in one process.
 
 Two cases: an MLP policy on HalfCheetah-v5 (n_steps 2048, needs ``gymnasium[mujoco]``) and a CnnPolicy on
-Atari-sized 84x84x4 frames (SB3's FakeImageEnv, 4 envs x 64 steps). For each, the policy step alone (``n_critic_updates=0``) and
+Atari-sized 84x84x4 frames (SB3's FakeImageEnv, 4 envs x 64 steps). For each, the policy step alone
+(``n_critic_updates=0``) and
 the whole ``train()`` with the critic are timed; runs of the two implementations alternate (``time_in_turn`` of
 benchmarks/common.py) and the median is kept. The cases are fixed settings given to both implementations alike (the
 figures compare implementations on the same work), not zoo entries.
@@ -16,15 +17,15 @@ from collections.abc import Callable
 
 import numpy as np
 import torch as th
+
+# benchmarks/common.py (run as a script, a benchmark has its folder on sys.path)
+from common import time_in_turn
 from sb3_contrib import TRPO as ContribTRPO
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.envs import FakeImageEnv
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 from sb3_trpo_kfac import TRPO
-
-# benchmarks/common.py (run as a script, a benchmark has its folder on sys.path)
-from common import time_in_turn
 
 
 def make_case(name: str) -> tuple[Callable, str, dict]:

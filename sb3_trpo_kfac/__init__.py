@@ -5,4 +5,4 @@ from sb3_trpo_kfac.common.kfac import KFAC
 from sb3_trpo_kfac.trpo import TRPO
 from sb3_trpo_kfac.version import __version__
 
-__all__ = ["TRPO", "ACKTR", "KFAC", "__version__"]
+__all__ = ["ACKTR", "KFAC", "TRPO", "__version__"]

@@ -1,4 +1,7 @@
-"""ACKTR: every action space and policy kind, save/load continuation, bad arguments, robustness (learning: test_learning.py)."""
+"""ACKTR: every action space and policy kind, save/load continuation, bad arguments, robustness.
+
+Learning: tests/test_learning.py.
+"""
 
 
 import numpy as np
@@ -58,7 +61,9 @@ def test_cnn_policy_shared_and_separate_extractors(share):
 def test_critic_trust_region_with_cnn_extractors(share):
     env = FakeImageEnv(screen_height=36, screen_width=36, n_channels=1, discrete=True)
     policy_kwargs = dict(share_features_extractor=share, features_extractor_kwargs=dict(features_dim=16), net_arch=[])
-    model = ACKTR("CnnPolicy", env, n_steps=4, vf_kfac_clip=0.1, n_critic_updates=3, policy_kwargs=policy_kwargs, seed=0, device="cpu")
+    model = ACKTR(
+        "CnnPolicy", env, n_steps=4, vf_kfac_clip=0.1, n_critic_updates=3, policy_kwargs=policy_kwargs, seed=0, device="cpu"
+    )
     policy = model.policy
     critic = [*policy.value_net.parameters(), *([] if share else policy.vf_features_extractor.parameters())]
     # a shared extractor belongs to the actor's trust region; a separate one to the critic's
@@ -74,7 +79,9 @@ def test_multi_input_policy():
     # the image key goes through a NatureCNN whose 1025-dim input factor uses the low-rank solve
     policy_kwargs = dict(TINY, features_extractor_kwargs=dict(cnn_output_dim=8))
     env = SimpleMultiObsEnv(random_start=False)
-    model = ACKTR("MultiInputPolicy", env, n_steps=8, kfac_update=2, kfac_low_rank=16, policy_kwargs=policy_kwargs, seed=0, device="cpu")
+    model = ACKTR(
+        "MultiInputPolicy", env, n_steps=8, kfac_update=2, kfac_low_rank=16, policy_kwargs=policy_kwargs, seed=0, device="cpu"
+    )
     model.learn(48)
     optimizer = model.policy.optimizer
     assert len(optimizer.blocks) == 8
@@ -132,7 +139,7 @@ def test_save_load_learn_matches_uninterrupted(tmp_path, kfac_async, extra_kwarg
     for m in (model, loaded, fresh):
         m.set_random_seed(1)
         m.learn(160)
-    for p, q, r in zip(model.policy.parameters(), loaded.policy.parameters(), fresh.policy.parameters()):
+    for p, q, _r in zip(model.policy.parameters(), loaded.policy.parameters(), fresh.policy.parameters()):
         assert th.equal(p, q)
     assert any(not th.equal(p, r) for p, r in zip(model.policy.parameters(), fresh.policy.parameters()))
 

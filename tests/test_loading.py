@@ -95,7 +95,7 @@ def test_a_zip_without_a_model_is_not_a_readable_model_zip(tmp_path) -> None:
     path = tmp_path / "other.zip"
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("notes.txt", "not a model")
-    with pytest.raises(ArgumentError, match="not a readable model zip .it has no 'data' entry"):
+    with pytest.raises(ArgumentError, match=r"not a readable model zip .it has no 'data' entry"):
         TRPO.load(path)
     with pytest.raises(FileNotFoundError):  # a missing file stays what it is
         ACKTR.load(tmp_path / "missing.zip")

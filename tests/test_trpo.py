@@ -120,7 +120,16 @@ def test_structural_split_on_renamed_policy_and_critic_never_moves_actor(monkeyp
     model = TRPO(RenamedPolicy, IdentityEnv(3), **SMALL)
     assert not any("value" in name for name, _ in model.policy.named_parameters())
     # Block the policy step: only the critic update may run, and it must leave every actor parameter alone.
-    monkeypatch.setattr(model, "_policy_step", lambda *args: {k: 0.0 for k in ("policy_objective", "kl_divergence_loss", "is_line_search_success", "line_search_step_fraction", "non_finite_step", "zero_gradient_step", "cg_residual")})
+    stat_names = (
+        "policy_objective",
+        "kl_divergence_loss",
+        "is_line_search_success",
+        "line_search_step_fraction",
+        "non_finite_step",
+        "zero_gradient_step",
+        "cg_residual",
+    )
+    monkeypatch.setattr(model, "_policy_step", lambda *args: dict.fromkeys(stat_names, 0.0))
     snapshot = PolicySnapshot()
     model.learn(total_timesteps=SMALL["n_steps"], callback=snapshot)
     critic = model._critic_params
@@ -167,7 +176,8 @@ class PoisonAdvantages(BaseCallback):
 
 
 def test_non_finite_step_leaves_policy_unchanged() -> None:
-    model = TRPO("MlpPolicy", IdentityEnvBox(-1, 1), n_critic_updates=0, **{k: v for k, v in SMALL.items() if k != "n_critic_updates"})
+    settings = {k: v for k, v in SMALL.items() if k != "n_critic_updates"}
+    model = TRPO("MlpPolicy", IdentityEnvBox(-1, 1), n_critic_updates=0, **settings)
     poison = PoisonAdvantages()
     model.learn(total_timesteps=SMALL["n_steps"], callback=poison)
     assert model.logger.name_to_value["train/non_finite_step"] == 1.0

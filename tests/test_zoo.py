@@ -340,7 +340,8 @@ def test_optimize_then_train_from_a_trial(tmp_path):
     study = optuna.load_study(study_name="trpo-cartpole", storage=journal(storage))
     states = [trial.state for trial in study.trials]
     assert len(states) == 2 and optuna.trial.TrialState.FAIL not in states
-    assert all(set(trial.params) >= {"target_kl", "cg_damping", "cg_preconditioner", "fisher_subsample"} for trial in study.trials)
+    sampled = {"target_kl", "cg_damping", "cg_preconditioner", "fisher_subsample"}
+    assert all(set(trial.params) >= sampled for trial in study.trials)
 
     # Train with trial 1's hyperparameters, read back through our converter.
     zoo(

@@ -1,4 +1,4 @@
 from sb3_trpo_kfac.acktr.acktr import ACKTR
 from sb3_trpo_kfac.acktr.policies import CnnPolicy, MlpPolicy, MultiInputPolicy
 
-__all__ = ["ACKTR", "MlpPolicy", "CnnPolicy", "MultiInputPolicy"]
+__all__ = ["ACKTR", "CnnPolicy", "MlpPolicy", "MultiInputPolicy"]

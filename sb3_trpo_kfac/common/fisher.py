@@ -366,6 +366,7 @@ class LinearLayerFisher:
         tangents = []
         for (inputs, weight, bias), width in zip(self.layers, self.layer_widths, strict=True):
             if weight is None:
+                assert bias is not None  # layers with neither are not kept
                 tangents.append(pieces[bias].expand(n, width))
             elif bias is None:
                 tangents.append(inputs @ pieces[weight].T)
@@ -435,7 +436,7 @@ def gauss_newton_fisher(
         bias = position.get(id(call.module.bias)) if call.module.bias is not None else None
         if weight is None and bias is None:
             continue
-        owned = {weight, bias} - {None}
+        owned = {index for index in (weight, bias) if index is not None}
         # One call on the batch, and no parameter shared with another layer.
         usable &= len(calls) == 1 and call.inputs.dim() == 2 and call.inputs.shape[0] == batch_size
         usable &= call.outputs.requires_grad and not owned & covered

@@ -19,7 +19,7 @@ def clip_grad_norm_(parameters: Iterable[nn.Parameter], max_norm: float) -> floa
     :return: the global norm before clipping
     """
     with_grad = [p for p in parameters if p.grad is not None]
-    grads = [p.grad for p in with_grad]
+    grads = [p.grad for p in with_grad if p.grad is not None]  # the same list (typed without None)
     if not grads:
         return 0.0
     kinds = {(g.device, g.dtype) for g in grads}

@@ -42,7 +42,7 @@ def split_actor_critic_parameters(
     params = [p for p in policy.parameters() if p.requires_grad]
 
     def reached_by(outputs: list[th.Tensor]) -> set[int]:
-        total = sum(output.sum() for output in outputs)
+        total = th.stack([output.sum() for output in outputs]).sum()
         grads = th.autograd.grad(total, params, allow_unused=True)
         return {id(p) for p, g in zip(params, grads, strict=True) if g is not None}
 

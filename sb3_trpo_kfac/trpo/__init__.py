@@ -1,4 +1,4 @@
 from sb3_trpo_kfac.trpo.policies import CnnPolicy, MlpPolicy, MultiInputPolicy
 from sb3_trpo_kfac.trpo.trpo import TRPO
 
-__all__ = ["TRPO", "MlpPolicy", "CnnPolicy", "MultiInputPolicy"]
+__all__ = ["TRPO", "CnnPolicy", "MlpPolicy", "MultiInputPolicy"]

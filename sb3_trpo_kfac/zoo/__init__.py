@@ -121,4 +121,4 @@ def register() -> None:
     hyperparams_opt.HYPERPARAMS_SAMPLER.update(HYPERPARAMS_SAMPLER)
     hyperparams_opt.HYPERPARAMS_CONVERTER.update(HYPERPARAMS_CONVERTER)
     if not getattr(ExperimentManager.objective, "__sb3_trpo_kfac_robust__", False):
-        ExperimentManager.objective = robust_objective(ExperimentManager.objective)  # type: ignore[method-assign]
+        ExperimentManager.objective = robust_objective(ExperimentManager.objective)  # type: ignore[method-assign,assignment]

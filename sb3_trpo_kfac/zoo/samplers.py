@@ -169,7 +169,7 @@ def sample_trpo_params(trial: optuna.Trial, n_actions: int, n_envs: int, additio
     for key in ("n_steps", "batch_size", "gamma", "gae_lambda"):
         trial.set_user_attr(key, hyperparams[key])
     _check_batch(hyperparams["n_steps"], n_envs, hyperparams["batch_size"])
-    n_fisher = int(round(fisher_subsample * hyperparams["n_steps"] * n_envs))
+    n_fisher = round(fisher_subsample * hyperparams["n_steps"] * n_envs)
     if n_fisher < MIN_FISHER_SAMPLES:
         raise ValueError(f"fisher_subsample {fisher_subsample} leaves {n_fisher} < {MIN_FISHER_SAMPLES} Fisher samples")
     return hyperparams
