@@ -264,16 +264,16 @@ class ACKTR(OnPolicyAlgorithm):
             lr=self.lr_schedule(1),
             momentum=self.momentum,
             # the running averages keep the same memory, in updates, whatever the statistics interval
-            stats_decay=self.stats_decay**self.kfac_stats_interval,
-            damping=self.damping,
+            kfac_stats_decay=self.stats_decay**self.kfac_stats_interval,
+            kfac_damping=self.damping,
             kfac_clip=self.kfac_clip,
             kfac_update=self.kfac_update,
-            cold_iter=self.cold_iter,
-            cold_max_grad_norm=self.max_grad_norm,
-            inverse=self.kfac_inverse,
-            low_rank=self.kfac_low_rank,
-            async_decomposition=self.kfac_async,
-            refine_iterations=self.kfac_refine,
+            kfac_cold_iter=self.cold_iter,
+            kfac_cold_max_grad_norm=self.max_grad_norm,
+            kfac_inverse=self.kfac_inverse,
+            kfac_low_rank=self.kfac_low_rank,
+            kfac_async=self.kfac_async,
+            kfac_refine=self.kfac_refine,
         )
 
     def train(self) -> None:

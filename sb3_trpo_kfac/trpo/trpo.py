@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from sb3_trpo_kfac.common.conjugate_gradient import conjugate_gradient
-from sb3_trpo_kfac.common.kfac import KFAC
+from sb3_trpo_kfac.common.kfac import KFACPreconditioner
 from sb3_trpo_kfac.common.fisher import (
     detached_distribution,
     flat_concat,
@@ -214,7 +214,7 @@ class TRPO(OnPolicyAlgorithm):
         # Found from the autograd graph on the first update (the policy's structure does not change afterwards).
         self._actor_params: list[nn.Parameter] | None = None
         self._critic_params: list[nn.Parameter] | None = None
-        self._kfac: KFAC | None = None
+        self._kfac: KFACPreconditioner | None = None
 
     def _excluded_save_params(self) -> list[str]:
         # Parameter lists point into the live policy; they are rebuilt after loading.
@@ -227,15 +227,15 @@ class TRPO(OnPolicyAlgorithm):
             )
         return self._actor_params, self._critic_params
 
-    def _kfac_preconditioner(self, actor_params: list[nn.Parameter]) -> KFAC:
+    def _kfac_preconditioner(self, actor_params: list[nn.Parameter]) -> KFACPreconditioner:
         """K-FAC over the actor's layers, holding only the statistics of the current batch."""
         if self._kfac is None:
             actor_ids = {id(p) for p in actor_params}
             layers = [
                 m for m in self.policy.modules() if isinstance(m, nn.Linear | nn.Conv2d) and id(m.weight) in actor_ids
             ]
-            self._kfac = KFAC(
-                self.policy, stats_decay=0.0, damping=max(self.cg_damping, 1e-8), modules=layers, params=actor_params
+            self._kfac = KFACPreconditioner(
+                self.policy, actor_params, kfac_stats_decay=0.0, kfac_damping=max(self.cg_damping, 1e-8), modules=layers
             )
         return self._kfac
 
@@ -278,7 +278,7 @@ class TRPO(OnPolicyAlgorithm):
         preconditioner = None
         # The rollout actions are samples of the current policy: their negative log-likelihood is a Fisher loss.
         if kfac is not None and kfac.update_statistics(-log_prob.sum()):
-            kfac.update_preconditioner()
+            kfac.update_curvature()
 
             def preconditioner(vector: th.Tensor) -> th.Tensor:
                 return flat_concat(kfac.precondition(actor_params, split_like(vector, actor_params)))

@@ -1,0 +1,64 @@
+"""Parameter groups of K-FAC: each is one trust region (its own ``lr`` and ``kfac_clip``) and one flat layout."""
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch as th
+
+from sb3_trpo_kfac.common.validation import check_float
+
+
+def parameter_groups(params: Iterable[Any]) -> list[dict[str, Any]]:
+    """
+    The groups of ``params`` (parameters, or dicts with a ``"params"`` entry), keeping the parameters that require
+    grad, each once; groups left empty are dropped.
+
+    :param params: parameters or parameter groups
+    :return: new group dicts
+    """
+    items = list(params)
+    as_groups = [isinstance(item, dict) for item in items]
+    if any(as_groups) and not (all(as_groups) and all("params" in item for item in items)):
+        raise TypeError("`params` must be parameters or parameter groups (dicts with a 'params' entry), not a mix")
+    groups = [dict(item) for item in items] if any(as_groups) else [{"params": items}]
+    seen: set[int] = set()
+    for group in groups:
+        if "weight_decay" in group:
+            raise ValueError("`params`: weight_decay is common to all groups (it enters the blocks' damping)")
+        if "lr" in group:
+            check_float("params[...]['lr']", group["lr"], 0.0)
+        if "kfac_clip" in group:
+            check_float("params[...]['kfac_clip']", group["kfac_clip"], 0.0, low_inclusive=False)
+        tensors = [group["params"]] if isinstance(group["params"], th.Tensor) else list(group["params"])
+        unique = list({id(p): p for p in tensors if p.requires_grad}.values())
+        if unique:
+            group_kind(unique)
+        if any(id(p) in seen for p in unique):
+            raise ValueError("`params`: a parameter appears in more than one group")
+        seen.update(id(p) for p in unique)
+        group["params"] = unique
+    groups = [group for group in groups if group["params"]]
+    if not groups:
+        raise ValueError("`params`: no parameter requires grad")
+    return groups
+
+
+def group_kind(params: Iterable[th.Tensor]) -> tuple[th.dtype, th.device]:
+    """The one (dtype, device) of a parameter group's parameters (a TypeError if they differ)."""
+    kinds = {(p.dtype, p.device) for p in params}
+    if len(kinds) > 1:  # a group's gradients and directions live in one flat tensor of each
+        kinds_text = ", ".join(sorted(f"{dtype} on {device}" for dtype, device in kinds))
+        raise TypeError(f"`params`: the parameters of a group must share one dtype and device, got {kinds_text}")
+    return next(iter(kinds))
+
+
+def current_kinds(param_groups: list[dict[str, Any]]) -> list[tuple[th.dtype, th.device]]:
+    """The (dtype, device) of each group's first parameter; a TypeError if a group's parameters mix dtypes."""
+    kinds = []
+    for group in param_groups:
+        params = group["params"]
+        # every dtype: a mixed group would be cast silently into the flat buffers (a device mismatch raises there)
+        if len({p.dtype for p in params}) > 1:
+            group_kind(params)  # raises, naming the dtypes
+        kinds.append((params[0].dtype, params[0].device))
+    return kinds
