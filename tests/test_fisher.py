@@ -1,5 +1,7 @@
 """The Gauss-Newton Fisher-vector product against the dense Hessian of the KL, in float64."""
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import torch as th
@@ -163,3 +165,56 @@ def test_gauss_newton_fisher_falls_back_where_the_jacobian_path_does_not_apply(m
     with record_linear_calls(policy) as calls:
         policy.get_distribution(observations)
     assert calls == []
+
+
+class TiedHead(th.nn.Module):
+    """An action head reusing the first actor layer's weight, transposed (a tied encoder / decoder pair)."""
+
+    def __init__(self, encoder: th.nn.Linear) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, latent: th.Tensor) -> th.Tensor:
+        return th.nn.functional.linear(latent, self.encoder.weight.T)
+
+
+class ScaledLinear(th.nn.Linear):
+    """A Linear whose effective weight is not its ``weight`` (as in weight-normalized or low-rank adapted layers)."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features)
+        self.scale = th.nn.Parameter(th.tensor(1.7))
+
+    def forward(self, inputs: th.Tensor) -> th.Tensor:
+        return th.nn.functional.linear(inputs, self.scale * self.weight, self.bias)
+
+
+def _tie_head(policy: ActorCriticPolicy) -> None:
+    policy.action_net = TiedHead(policy.mlp_extractor.policy_net[0])
+
+
+def _scaled_head(policy: ActorCriticPolicy) -> None:
+    policy.action_net = ScaledLinear(5, 3).double()
+
+
+def _inplace_activation(policy: ActorCriticPolicy) -> None:
+    policy.mlp_extractor.policy_net[1] = th.nn.ReLU(inplace=True)
+
+
+@pytest.mark.parametrize("modify", [_tie_head, _scaled_head, _inplace_activation])
+def test_gauss_newton_fisher_falls_back_where_linear_layers_do_not_explain_the_graph(modify: Callable) -> None:
+    # Discrete(3) on 3 observations: the tied head maps the 5 latent units back to 3 logits with the encoder's weight.
+    policy = make_policy(spaces.Discrete(3), {})
+    observations = th.randn(7, 3, dtype=th.float64, generator=th.Generator().manual_seed(2))
+    actor, _ = split_actor_critic_parameters(policy, observations)
+    assert isinstance(_recorded_fisher(policy, observations, actor), LinearLayerFisher)  # SB3's MlpPolicy: fast path
+
+    modify(policy)
+    actor, _ = split_actor_critic_parameters(policy, observations)
+    dense = dense_kl_hessian(policy, observations, actor)
+    fisher = _recorded_fisher(policy, observations, actor)
+    products = th.stack([fisher(column) for column in th.eye(dense.shape[0], dtype=th.float64)], dim=1)
+    assert th.linalg.matrix_norm(dense).item() > 1e-3
+    relative_error = (th.linalg.matrix_norm(products - dense) / th.linalg.matrix_norm(dense)).item()
+    assert relative_error <= 1e-6, relative_error
+    assert isinstance(fisher, GaussNewtonFisher)

@@ -1,6 +1,7 @@
 import copy
 import inspect
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch as th
@@ -18,7 +19,7 @@ from stable_baselines3.common.envs import (
 from stable_baselines3.common.policies import ActorCriticPolicy
 
 import sb3_trpo_kfac.common.fisher as fisher_module
-from sb3_trpo_kfac import TRPO
+from sb3_trpo_kfac import ACKTR, TRPO
 
 SMALL = dict(n_steps=64, batch_size=32, n_critic_updates=2, cg_max_steps=5, seed=0)
 
@@ -119,7 +120,7 @@ def test_structural_split_on_renamed_policy_and_critic_never_moves_actor(monkeyp
     model = TRPO(RenamedPolicy, IdentityEnv(3), **SMALL)
     assert not any("value" in name for name, _ in model.policy.named_parameters())
     # Block the policy step: only the critic update may run, and it must leave every actor parameter alone.
-    monkeypatch.setattr(model, "_policy_step", lambda *args: {k: 0.0 for k in ("policy_objective", "kl_divergence_loss", "is_line_search_success", "line_search_step_fraction", "non_finite_step", "cg_residual")})
+    monkeypatch.setattr(model, "_policy_step", lambda *args: {k: 0.0 for k in ("policy_objective", "kl_divergence_loss", "is_line_search_success", "line_search_step_fraction", "non_finite_step", "zero_gradient_step", "cg_residual")})
     snapshot = PolicySnapshot()
     model.learn(total_timesteps=SMALL["n_steps"], callback=snapshot)
     critic = model._critic_params
@@ -244,3 +245,167 @@ def test_critic_optimizer_matches_sb3_contrib_but_fused() -> None:
 def test_bad_arguments_raise_at_construction(kwargs: dict, error: type, name: str) -> None:
     with pytest.raises(error, match=name):
         TRPO("MlpPolicy", IdentityEnv(2), **kwargs)
+
+
+def test_policy_kwargs_of_the_caller_are_not_modified() -> None:
+    policy_kwargs = {"net_arch": [8]}
+    model = TRPO("MlpPolicy", IdentityEnv(2), n_steps=64, batch_size=32, policy_kwargs=policy_kwargs)
+    assert policy_kwargs == {"net_arch": [8]}
+    assert model.policy.optimizer.param_groups[0]["fused"]  # our default still reaches the policy
+    # The same dict can be passed on; ACKTR refuses optimizer_kwargs, which the caller never gave.
+    ACKTR("MlpPolicy", IdentityEnv(2), policy_kwargs=policy_kwargs)
+
+
+class ScaleAdvantages(BaseCallback):
+    """Multiplies the rollout's advantages (not its returns: the critic is unaffected) by ``scale``."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def _on_step(self) -> bool:
+        return True
+
+    def _on_rollout_end(self) -> None:
+        self.before = copy.deepcopy(self.model.policy.state_dict())
+        self.model.rollout_buffer.advantages *= self.scale
+
+
+def test_tiny_gradient_takes_the_same_step_as_a_large_one() -> None:
+    # The natural step does not depend on the gradient's scale. 2^-27 (7e-9) scales exactly in floating point, so
+    # the step must be bit for bit that of the unscaled advantages; conjugate gradient with an absolute tolerance
+    # stopped at 0 iterations and the update was dropped as "non-finite".
+    def train(scale: float) -> TRPO:
+        model = TRPO("MlpPolicy", "CartPole-v1", n_steps=256, batch_size=64, normalize_advantage=False, seed=1)
+        model.learn(total_timesteps=256, callback=ScaleAdvantages(scale))
+        return model
+
+    reference, tiny = train(1.0), train(2.0**-27)
+    for model in (reference, tiny):
+        logged = model.logger.name_to_value
+        assert logged["train/is_line_search_success"] == 1.0
+        assert logged["train/non_finite_step"] == 0.0 and logged["train/zero_gradient_step"] == 0.0
+        assert logged["train/cg_iterations"] > 1
+    for (name, expected), actual in zip(reference.policy.state_dict().items(), tiny.policy.state_dict().values()):
+        assert th.equal(expected, actual), name
+
+
+def test_zero_gradient_is_logged_as_such_and_leaves_the_policy() -> None:
+    kwargs = {**SMALL, "n_critic_updates": 0}
+    model = TRPO("MlpPolicy", IdentityEnvBox(-1, 1), normalize_advantage=False, **kwargs)
+    zero = ScaleAdvantages(0.0)
+    model.learn(total_timesteps=SMALL["n_steps"], callback=zero)
+    logged = model.logger.name_to_value
+    assert logged["train/non_finite_step"] == 0.0 and logged["train/is_line_search_success"] == 0.0
+    assert logged["train/zero_gradient_step"] == 1.0
+    for name, value in model.policy.state_dict().items():
+        assert th.equal(value, zero.before[name]), name
+
+
+class InjectNonFinite(gym.Wrapper):
+    """Makes the reward, or one coordinate of the observation, of the ``at``-th step NaN or inf."""
+
+    def __init__(self, env: gym.Env, kind: str, at: int) -> None:
+        super().__init__(env)
+        self.kind, self.at, self.t = kind, at, 0
+
+    def step(self, action):
+        observation, reward, terminated, truncated, info = self.env.step(action)
+        self.t += 1
+        if self.t == self.at:
+            if self.kind == "nan_reward":
+                reward = float("nan")
+            elif self.kind == "inf_reward":
+                reward = float("inf")
+            else:
+                observation = observation.copy()
+                observation[0] = np.inf
+        return observation, reward, terminated, truncated, info
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # explained_variance of inf returns
+@pytest.mark.parametrize("kind", ["nan_reward", "inf_reward", "inf_observation"])
+def test_non_finite_data_never_reaches_the_parameters(kind: str) -> None:
+    # One bad step in the second rollout; before, it turned every critic parameter and Adam moment into NaN, and
+    # every later policy step was skipped as non-finite.
+    env = InjectNonFinite(gym.make("Pendulum-v1"), kind, at=70)
+    model = TRPO("MlpPolicy", env, n_steps=64, batch_size=32, n_critic_updates=2, cg_max_steps=5, seed=0)
+    model.learn(total_timesteps=128)
+
+    def finite() -> bool:
+        adam = [t for state in model.policy.optimizer.state.values() for t in state.values() if t.is_floating_point()]
+        return all(th.isfinite(t).all() for t in [*model.policy.parameters(), *adam])
+
+    assert finite()
+    skipped = model.logger.name_to_value["train/critic_skipped_steps"]
+    assert skipped > 0
+    # Later, clean batches train both the critic and the policy.
+    before = copy.deepcopy(model.policy.state_dict())
+    model.learn(total_timesteps=128, reset_num_timesteps=False)
+    assert finite()
+    logged = model.logger.name_to_value
+    assert logged["train/critic_skipped_steps"] == skipped
+    assert logged["train/non_finite_step"] == 0.0 and np.isfinite(logged["train/value_loss"])
+    after = model.policy.state_dict()
+    moved = {name for name in before if not th.equal(before[name], after[name])}
+    critic = {name for name, p in model.policy.named_parameters() if any(p is q for q in model._critic_params)}
+    assert critic and critic <= moved
+    assert moved - critic  # the actor moved too
+
+
+class FirstCandidateRaises:
+    """Wraps ``policy.get_distribution``: the first line-search candidate (a call without gradients) raises."""
+
+    def __init__(self, policy: ActorCriticPolicy, error: Exception) -> None:
+        self.get_distribution, self.error, self.raised = policy.get_distribution, error, False
+
+    def __call__(self, observations):
+        if not th.is_grad_enabled() and not self.raised:
+            self.raised = True
+            raise self.error
+        return self.get_distribution(observations)
+
+
+class Snapshot(PolicySnapshot):
+    def __init__(self, patch=None) -> None:
+        super().__init__()
+        self.patch = patch
+
+    def _on_rollout_end(self) -> None:
+        super()._on_rollout_end()
+        if self.patch is not None:
+            self.model.policy.get_distribution = self.patch(self.model.policy)
+
+
+def test_invalid_line_search_candidate_is_rejected_like_a_bad_one() -> None:
+    # As torch's argument validation raises for a candidate whose scale overflowed: the next, shorter one is tried.
+    model = TRPO("MlpPolicy", "CartPole-v1", n_steps=256, batch_size=64, target_kl=0.01, seed=1)
+    snapshot = Snapshot(lambda policy: FirstCandidateRaises(policy, ValueError("invalid scale")))
+    model.learn(total_timesteps=256, callback=snapshot)
+    assert model.logger.name_to_value["train/is_line_search_success"] == 1.0
+    assert model.logger.name_to_value["train/line_search_step_fraction"] == pytest.approx(0.8)
+
+
+def test_policy_is_restored_when_the_line_search_raises() -> None:
+    model = TRPO("MlpPolicy", IdentityEnvBox(-1, 1), **{**SMALL, "n_critic_updates": 0})
+    snapshot = Snapshot(lambda policy: FirstCandidateRaises(policy, RuntimeError("interrupted")))
+    with pytest.raises(RuntimeError, match="interrupted"):
+        model.learn(total_timesteps=SMALL["n_steps"], callback=snapshot)
+    for name, value in model.policy.state_dict().items():
+        assert th.equal(value, snapshot.before[name]), name
+
+
+def test_huge_trust_region_never_leaves_an_invalid_policy() -> None:
+    # target_kl=1e10: the full steps overflow log_std, and torch's validation of the candidate's Normal raised out
+    # of the line search, leaving log_std at -25503.
+    snapshot = PolicySnapshot()
+    model = TRPO("MlpPolicy", IdentityEnvBox(-1, 1), target_kl=1e10, **SMALL)
+    model.learn(total_timesteps=2 * SMALL["n_steps"], callback=snapshot)
+    assert all(th.isfinite(p).all() for p in model.policy.parameters())
+    observations = next(model.rollout_buffer.get(batch_size=None)).observations
+    with th.no_grad():
+        model.policy.get_distribution(observations)  # validates: a finite, positive scale
+    if model.logger.name_to_value["train/is_line_search_success"] == 0.0:
+        actor = {name for name, p in model.policy.named_parameters() if any(p is q for q in model._actor_params)}
+        after = model.policy.state_dict()
+        assert all(th.equal(snapshot.before[name], after[name]) for name in actor)

@@ -13,7 +13,11 @@ from torch.nn import functional as F
 
 from sb3_trpo_kfac.common.gradient_clipping import clip_grad_norm_
 from sb3_trpo_kfac.common.kfac import INVERSE_MODES, KFAC
-from sb3_trpo_kfac.common.policy_parameters import split_actor_critic_parameters, zero_observations
+from sb3_trpo_kfac.common.policy_parameters import (
+    frozen_features_value_fn,
+    split_actor_critic_parameters,
+    zero_observations,
+)
 from sb3_trpo_kfac.common.validation import check_float, check_int, check_on_policy_arguments
 
 SelfACKTR = TypeVar("SelfACKTR", bound="ACKTR")
@@ -346,18 +350,14 @@ class ACKTR(OnPolicyAlgorithm):
         """The ``n_critic_updates - 1`` extra K-FAC steps of the critic-only parameters on the value loss."""
         if self.n_critic_updates == 1:
             return
-        policy, optimizer = self.policy, self.policy.optimizer
+        optimizer = self.policy.optimizer
         assert isinstance(optimizer, KFAC)
-        shared_features = None
-        if policy.share_features_extractor:  # an actor layer: its output stays the same through these steps
-            with th.no_grad():
-                shared_features = policy.extract_features(observations)
+        # A shared extractor is an actor layer: its features stay the same through these steps, computed once
+        # (unless the policy overrides predict_values, which is then called as it is).
+        inputs, predict = frozen_features_value_fn(self.policy, observations, self._critic_params)
         optimizer.zero_grad()  # the actor has no gradient, so these steps leave it as it is
         for _ in range(self.n_critic_updates - 1):
-            if shared_features is None:
-                values = policy.predict_values(observations)
-            else:  # predict_values on the features computed once
-                values = policy.value_net(policy.mlp_extractor.forward_critic(shared_features))
+            values = predict(inputs)
             value_loss = F.mse_loss(returns, values.flatten())
             grads = th.autograd.grad(self.vf_coef * value_loss, self._critic_params)
             for param, grad in zip(self._critic_params, grads, strict=True):

@@ -189,11 +189,15 @@ MAX_JACOBIAN_ELEMENTS = 2**19
 
 @dataclass
 class LinearCall:
-    """One recorded call of an ``nn.Linear`` layer: its input and its output (still in the graph)."""
+    """
+    One recorded call of an ``nn.Linear`` layer: its input and its output (still in the graph), and the graph node
+    that made the output (an in-place operation on the output later replaces ``outputs.grad_fn``).
+    """
 
     module: nn.Linear
     inputs: th.Tensor
     outputs: th.Tensor
+    node: th.autograd.graph.Node | None = None
 
 
 @contextlib.contextmanager
@@ -209,7 +213,7 @@ def record_linear_calls(module: nn.Module) -> Iterator[list[LinearCall]]:
         return
 
     def hook(layer: nn.Module, inputs: tuple[th.Tensor, ...], output: th.Tensor) -> None:
-        calls.append(LinearCall(layer, inputs[0], output))  # type: ignore[arg-type]
+        calls.append(LinearCall(layer, inputs[0], output, output.grad_fn))  # type: ignore[arg-type]
 
     handles = [layer.register_forward_hook(hook) for layer in module.modules() if isinstance(layer, nn.Linear)]
     try:
@@ -230,6 +234,46 @@ def _depends_on(tensor: th.Tensor, nodes: set) -> bool:
             return True
         seen.add(node)
         stack.extend(next_node for next_node, _ in node.next_functions)
+    return False
+
+
+def _used_outside_calls(
+    outputs: Sequence[th.Tensor],
+    layers: Sequence[tuple[LinearCall, int | None, int | None]],
+    params: Sequence[th.Tensor],
+) -> bool:
+    """
+    Whether the autograd graph of ``outputs`` uses a weight or bias of ``layers`` other than in that layer's
+    recorded call (a tied weight such as ``F.linear(h, encoder.weight.T)``): ``LinearLayerFisher`` would miss
+    that use. Every edge of the graph into a parameter's gradient accumulator must start at a node made by the
+    call of the layer owning it, i.e. a node reached from the call's output without passing through its input.
+    """
+    owner: dict[int, int] = {}
+    for index, (_, weight, bias) in enumerate(layers):
+        for position in (weight, bias):
+            if position is not None:
+                owner[id(params[position])] = index
+    made_by: dict[object, int] = {}
+    for index, (call, _, _) in enumerate(layers):
+        stack = [call.outputs.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node is None or node is call.inputs.grad_fn or node in made_by or hasattr(node, "variable"):
+                continue
+            made_by[node] = index
+            stack.extend(next_node for next_node, _ in node.next_functions)
+    stack, seen = [output.grad_fn for output in outputs], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for next_node, _ in node.next_functions:
+            variable = getattr(next_node, "variable", None)  # set on gradient accumulators (leaves) only
+            if variable is None:
+                stack.append(next_node)
+            elif id(variable) in owner and made_by.get(node) != owner[id(variable)]:
+                return True
     return False
 
 
@@ -367,8 +411,14 @@ def gauss_newton_fisher(
     """
     The Fisher-vector product of a policy. ``LinearLayerFisher`` when the forward pass that built ``distribution``
     was recorded with ``record_linear_calls`` and every parameter sits in a Linear layer called once on the batch
-    (up to ``MAX_DIRECT_PARAMETERS`` others, such as ``log_std``); else ``GaussNewtonFisher``, e.g. for conv layers.
-    Both compute the same product.
+    (up to ``MAX_DIRECT_PARAMETERS`` others, such as ``log_std``) and used nowhere else in the graph of the
+    distribution; else ``GaussNewtonFisher``, e.g. for conv layers or tied weights. Both compute the same product.
+
+    :param distribution: SB3 distribution over a batch, built with gradients enabled
+    :param params: the parameters the product is taken over (flattened in this order)
+    :param damping: Tikhonov damping added to the product
+    :param linear_calls: the Linear calls recorded by ``record_linear_calls`` during the forward pass that built
+        ``distribution`` (empty: ``GaussNewtonFisher``)
     """
     blocks = fisher_blocks(distribution)
     batch_size = blocks[0][0].shape[0]
@@ -389,6 +439,9 @@ def gauss_newton_fisher(
         # One call on the batch, and no parameter shared with another layer.
         usable &= len(calls) == 1 and call.inputs.dim() == 2 and call.inputs.shape[0] == batch_size
         usable &= call.outputs.requires_grad and not owned & covered
+        # The output is a W^T + b (no subclass computing another weight) and is still the tensor autograd
+        # differentiates (an in-place activation on it would move the Jacobians past the activation).
+        usable &= type(call.module).forward is nn.Linear.forward and call.outputs.grad_fn is call.node
         covered |= owned
         layers.append((call, weight, bias))
     direct = [i for i in range(len(params)) if i not in covered]
@@ -397,6 +450,7 @@ def gauss_newton_fisher(
     usable &= (
         batch_size * n_coordinates * sum(call.module.out_features for call, _, _ in layers) <= MAX_JACOBIAN_ELEMENTS
     )
-    if usable:
+    # Last, as it walks the graph: a covered parameter used outside its layer's call (tied weights).
+    if usable and not _used_outside_calls([output for output, _ in blocks], layers, params):
         return LinearLayerFisher(blocks, params, layers, direct, damping)
     return GaussNewtonFisher(distribution, params, damping)

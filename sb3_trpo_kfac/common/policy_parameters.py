@@ -1,8 +1,11 @@
 """Telling a policy's actor and critic parameters apart by what they influence, not by their names."""
 
+from collections.abc import Callable, Sequence
+from typing import cast
+
 import torch as th
 from gymnasium import spaces
-from stable_baselines3.common.policies import ActorCriticPolicy
+from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
 from stable_baselines3.common.preprocessing import get_obs_shape
 from stable_baselines3.common.type_aliases import PyTorchObs
 from torch import nn
@@ -49,3 +52,36 @@ def split_actor_critic_parameters(
     actor = [p for p in params if id(p) in actor_ids]
     critic = [p for p in params if id(p) in value_ids and id(p) not in actor_ids]
     return actor, critic
+
+
+def frozen_features_value_fn(
+    policy: ActorCriticPolicy, observations: PyTorchObs, critic_params: Sequence[nn.Parameter]
+) -> tuple[PyTorchObs, Callable[[PyTorchObs], th.Tensor]]:
+    """
+    What a critic fit that moves only ``critic_params`` evaluates, repeatedly, on ``observations``: when the policy
+    computes its values as ``ActorCriticPolicy.predict_values`` does, from a features extractor it shares with the
+    actor and that the fit does not move, the features are computed once here, without a graph, and the value
+    function maps them to values; otherwise the inputs are the observations and the function is the policy's own
+    ``predict_values`` (a policy that overrides it, e.g. adding a learned offset, is always honoured).
+
+    :param policy: the actor-critic policy
+    :param observations: the batch the critic is fitted on
+    :param critic_params: the parameters the critic fit updates
+    :return: ``(inputs, predict)``: ``predict(index_observations(inputs, rows))`` are the values of those rows
+    """
+    critic_ids = {id(p) for p in critic_params}
+    frozen = (
+        type(policy).predict_values is ActorCriticPolicy.predict_values
+        and policy.share_features_extractor
+        and not any(id(p) in critic_ids for p in policy.features_extractor.parameters())
+    )
+    if not frozen:
+        return observations, policy.predict_values
+    with th.no_grad():
+        # the extraction ActorCriticPolicy.predict_values does (BasePolicy's, preprocessing included)
+        features = BasePolicy.extract_features(policy, observations, policy.features_extractor)
+
+    def predict(batch: PyTorchObs) -> th.Tensor:
+        return policy.value_net(policy.mlp_extractor.forward_critic(cast(th.Tensor, batch)))
+
+    return features, predict

@@ -6,6 +6,7 @@ import numpy as np
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.distributions import Distribution
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, PyTorchObs, Schedule
@@ -23,7 +24,11 @@ from sb3_trpo_kfac.common.fisher import (
     record_linear_calls,
     split_like,
 )
-from sb3_trpo_kfac.common.policy_parameters import index_observations, split_actor_critic_parameters
+from sb3_trpo_kfac.common.policy_parameters import (
+    frozen_features_value_fn,
+    index_observations,
+    split_actor_critic_parameters,
+)
 from sb3_trpo_kfac.common.validation import check_float, check_int, check_on_policy_arguments
 from sb3_trpo_kfac.trpo.policies import CnnPolicy, MlpPolicy, MultiInputPolicy
 
@@ -38,7 +43,11 @@ class TRPO(OnPolicyAlgorithm):
 
     Paper: https://arxiv.org/abs/1502.05477 (and John Schulman's thesis, http://joschu.net/docs/thesis.pdf)
 
-    Drop-in for sb3-contrib's ``TRPO``: every keyword has the same name, meaning and default. Per rollout the policy
+    Drop-in for sb3-contrib's ``TRPO``: it accepts every sb3-contrib keyword with the same name and default, and all
+    but two with the same meaning. ``target_kl`` and ``cg_damping`` refer to the KL summed over action dimensions,
+    where sb3-contrib averages it over the d dimensions of Box, MultiDiscrete and MultiBinary actions: a value v of
+    sb3-contrib's corresponds to d·v here (the same for Discrete actions, d = 1). The line search bounds
+    KL(π_old ‖ π_new) where sb3-contrib bounds KL(π_new ‖ π_old), which agree to second order. Per rollout the policy
     takes one natural-gradient step, solving (F + cg_damping·I) s = g by conjugate gradient with F the policy's
     Fisher (computed in Gauss-Newton form, see ``sb3_trpo_kfac.common.fisher``), scaling it to the trust region
     ``target_kl`` and backtracking until KL(π_old ‖ π_new) <= target_kl and the surrogate improves. The critic is
@@ -47,6 +56,11 @@ class TRPO(OnPolicyAlgorithm):
     Actor parameters are those the action distribution depends on; with a shared features extractor these include
     the extractor, so the policy step owns it and the critic step leaves it untouched (only the value-only layers are
     fitted by the critic). With separate extractors (``share_features_extractor=False``) the critic trains its own.
+
+    Non-finite data (a NaN reward, an inf observation) never reaches the parameters: such a policy step is skipped
+    and logged as ``train/non_finite_step``, such critic minibatches are skipped and counted in
+    ``train/critic_skipped_steps`` (since the start of training). A zero policy gradient is logged as
+    ``train/zero_gradient_step``.
 
     :param policy: The policy model to use (MlpPolicy, CnnPolicy, ...)
     :param env: The environment to learn from (if registered in Gym, can be str)
@@ -59,8 +73,7 @@ class TRPO(OnPolicyAlgorithm):
     :param cg_max_steps: maximum number of steps in the Conjugate Gradient algorithm
         for computing the natural gradient step
     :param cg_damping: damping added to the Fisher-vector product (λ in (F + λI) s = g), F being the Fisher of the
-        KL summed over action dimensions (sb3-contrib damps the dimension-averaged F / d, so its direction on a
-        d-dimensional Gaussian action matches ours with d times its cg_damping)
+        KL summed over action dimensions (see above)
     :param line_search_shrinking_factor: step-size reduction factor for the line-search
         (i.e., ``theta_new = theta + alpha^i * step``)
     :param line_search_max_iter: maximum number of iteration for the backtracking line-search
@@ -73,9 +86,8 @@ class TRPO(OnPolicyAlgorithm):
     :param rollout_buffer_class: Rollout buffer class to use. If ``None``, it will be automatically selected.
     :param rollout_buffer_kwargs: Keyword arguments to pass to the rollout buffer on creation
     :param normalize_advantage: Whether to normalize or not the advantage
-    :param target_kl: Trust region: maximum mean KL(π_old ‖ π_new) per update, summed over action dimensions.
-        (sb3-contrib averages Gaussian KLs over action dimensions instead, so its effective bound on a
-        d-dimensional action is d times larger.)
+    :param target_kl: Trust region: maximum mean KL(π_old ‖ π_new) per update, summed over action dimensions
+        (see above)
     :param sub_sampling_factor: Keep every k-th sample of the rollout for the whole policy step
         (gradient, Fisher and line search); see p40-42 of John Schulman's thesis
     :param fisher_subsample: Fraction of the (sub-sampled) batch used for the Fisher-vector products only, while the
@@ -102,6 +114,9 @@ class TRPO(OnPolicyAlgorithm):
         "CnnPolicy": CnnPolicy,
         "MultiInputPolicy": MultiInputPolicy,
     }
+    # Critic minibatch steps skipped since the start of training (non-finite value loss or gradient); saved with
+    # the model once set on it.
+    _critic_skipped_steps: int = 0
 
     def __init__(
         self,
@@ -189,7 +204,8 @@ class TRPO(OnPolicyAlgorithm):
         if "optimizer_class" not in self.policy_kwargs and "optimizer_kwargs" not in self.policy_kwargs:
             # The critic takes hundreds of small Adam steps per update; the fused kernel is the same Adam, faster.
             # eps: SB3's default for its policies' Adam, which passing any optimizer_kwargs would otherwise drop.
-            self.policy_kwargs["optimizer_kwargs"] = {"fused": True, "eps": 1e-5}
+            # A new dict: the caller's policy_kwargs stay as given (they may be reused, e.g. for ACKTR).
+            self.policy_kwargs = {**self.policy_kwargs, "optimizer_kwargs": {"fused": True, "eps": 1e-5}}
         if self.env is not None:
             buffer_size = self.env.num_envs * self.n_steps
             if normalize_advantage and buffer_size <= 1:
@@ -269,10 +285,16 @@ class TRPO(OnPolicyAlgorithm):
             "is_line_search_success": 0.0,
             "line_search_step_fraction": 0.0,
             "non_finite_step": 0.0,
+            "zero_gradient_step": 0.0,
         }
         if not th.isfinite(gradient).all():
             stats["non_finite_step"] = 1.0
             stats["cg_residual"] = float("nan")
+            return stats
+        if not gradient.any():
+            # A flat surrogate (e.g. all advantages zero) has no ascent direction: nothing to step along.
+            stats["zero_gradient_step"] = 1.0
+            stats["cg_residual"] = 0.0
             return stats
 
         preconditioner = None
@@ -296,59 +318,82 @@ class TRPO(OnPolicyAlgorithm):
         stats["cg_residual"] = solve.relative_residual
         stats["cg_iterations"] = float(solve.iterations)
         curvature = th.dot(solve.solution, solve.matrix_solution)
-        if not (th.isfinite(solve.solution).all() and th.isfinite(curvature) and curvature > 0):
+        if not (th.isfinite(solve.solution).all() and th.isfinite(curvature)):
             stats["non_finite_step"] = 1.0
+            return stats
+        if not curvature > 0:
+            # Finite but no measurable curvature: a gradient so small that sᵀ(F + λI)s underflows.
+            stats["zero_gradient_step"] = 1.0
             return stats
         step = th.sqrt(2.0 * self.target_kl / curvature) * solve.solution
 
         old_params = [param.detach().clone() for param in actor_params]
         step_fraction = 1.0
-        with th.no_grad():
-            for _ in range(self.line_search_max_iter):
-                for param, old, delta in zip(actor_params, old_params, split_like(step, actor_params), strict=True):
-                    param.copy_(old + step_fraction * delta)
-                new_distribution = self.policy.get_distribution(observations)
-                new_objective = (advantages * th.exp(new_distribution.log_prob(actions) - old_log_prob)).mean()
-                kl = mean_kl(old_distribution, new_distribution)
-                # NaN compares False: a non-finite candidate is rejected like a bad one.
-                if kl <= self.target_kl and new_objective > objective:
-                    stats.update(
-                        policy_objective=new_objective.item(),
-                        kl_divergence_loss=kl.item(),
-                        is_line_search_success=1.0,
-                        line_search_step_fraction=step_fraction,
+        accepted = False
+        try:  # θ_old is restored on every way out but acceptance, exceptions included
+            with th.no_grad():
+                for _ in range(self.line_search_max_iter):
+                    for param, old, delta in zip(actor_params, old_params, split_like(step, actor_params), strict=True):
+                        param.copy_(old + step_fraction * delta)
+                    candidate = self._evaluate_candidate(
+                        observations, actions, old_log_prob, advantages, old_distribution
                     )
-                    return stats
-                step_fraction *= self.line_search_shrinking_factor
-            for param, old in zip(actor_params, old_params, strict=True):
-                param.copy_(old)
+                    if candidate is not None:
+                        new_objective, kl = candidate
+                        if kl <= self.target_kl and new_objective > objective:
+                            accepted = True
+                            stats.update(
+                                policy_objective=new_objective.item(),
+                                kl_divergence_loss=kl.item(),
+                                is_line_search_success=1.0,
+                                line_search_step_fraction=step_fraction,
+                            )
+                            return stats
+                    step_fraction *= self.line_search_shrinking_factor
+        finally:
+            if not accepted:
+                with th.no_grad():
+                    for param, old in zip(actor_params, old_params, strict=True):
+                        param.copy_(old)
         return stats
+
+    def _evaluate_candidate(
+        self,
+        observations: PyTorchObs,
+        actions: th.Tensor,
+        old_log_prob: th.Tensor,
+        advantages: th.Tensor,
+        old_distribution: Distribution,
+    ) -> tuple[th.Tensor, th.Tensor] | None:
+        """
+        The surrogate and mean KL(π_old ‖ π) of the policy's current parameters (a line-search candidate).
+
+        :return: ``(objective, kl)``, or None when the candidate is not a valid policy: a distribution parameter
+            torch's validation refuses (e.g. a scale that overflowed to inf or 0) or a non-finite objective or KL
+        """
+        try:
+            distribution = self.policy.get_distribution(observations)
+            objective = (advantages * th.exp(distribution.log_prob(actions) - old_log_prob)).mean()
+            kl = mean_kl(old_distribution, distribution)
+        except ValueError:
+            # torch.distributions' argument validation; the same forward passed at θ_old, so the values are at fault
+            return None
+        if not (th.isfinite(objective) and th.isfinite(kl)):
+            return None
+        return objective, kl
 
     def _critic_fit(self, observations: PyTorchObs, returns: th.Tensor) -> list[float]:
         """
-        ``n_critic_updates`` epochs of minibatch updates of the critic parameters on the value loss.
+        ``n_critic_updates`` epochs of minibatch updates of the critic parameters on the value loss. A minibatch
+        whose value loss or gradient is not finite (a NaN or inf reward, an inf observation) is skipped before it
+        reaches the parameters or Adam's moments, and counted in ``_critic_skipped_steps``.
 
-        :return: the minibatch value losses
+        :return: the value losses of the minibatch steps taken
         """
-        actor_params, critic_params = self._split_parameters(observations)
-        policy = self.policy
-        actor_ids = {id(p) for p in actor_params}
+        _, critic_params = self._split_parameters(observations)
+        optimizer = self.policy.optimizer
         # With a shared extractor the critic step cannot move it, so its features are computed once for all epochs.
-        frozen_extractor = (
-            type(policy).predict_values is ActorCriticPolicy.predict_values
-            and policy.share_features_extractor
-            and all(id(p) in actor_ids for p in policy.features_extractor.parameters())
-        )
-        if frozen_extractor:
-            with th.no_grad():
-                inputs = BasePolicy.extract_features(policy, observations, policy.features_extractor)
-
-            def predict(batch: PyTorchObs) -> th.Tensor:
-                return policy.value_net(policy.mlp_extractor.forward_critic(batch))
-
-        else:
-            inputs = observations
-            predict = policy.predict_values
+        inputs, predict = frozen_features_value_fn(self.policy, observations, critic_params)
 
         value_losses = []
         n_samples = len(returns)
@@ -356,12 +401,16 @@ class TRPO(OnPolicyAlgorithm):
             for indices in th.randperm(n_samples, device=returns.device).split(self.batch_size):
                 values = predict(index_observations(inputs, indices)).flatten()
                 value_loss = F.mse_loss(returns[indices], values)
-                policy.optimizer.zero_grad()
+                optimizer.zero_grad()
                 # Gradients for critic parameters only: the policy step alone moves actor parameters.
                 grads = th.autograd.grad(value_loss, critic_params, allow_unused=True)
+                norms = th._foreach_norm([grad for grad in grads if grad is not None])
+                if not bool(th.isfinite(th.stack([value_loss.detach(), *norms])).all()):
+                    self._critic_skipped_steps += 1
+                    continue
                 for param, grad in zip(critic_params, grads, strict=True):
                     param.grad = grad
-                policy.optimizer.step()
+                optimizer.step()
                 value_losses.append(value_loss.item())
         return value_losses
 
@@ -398,6 +447,8 @@ class TRPO(OnPolicyAlgorithm):
         if "cg_iterations" in stats:
             self.logger.record("train/cg_iterations", stats["cg_iterations"])
         self.logger.record("train/non_finite_step", stats["non_finite_step"])
+        self.logger.record("train/zero_gradient_step", stats["zero_gradient_step"])
+        self.logger.record("train/critic_skipped_steps", self._critic_skipped_steps)
         if hasattr(self.policy, "log_std"):
             self.logger.record("train/std", th.exp(self.policy.log_std).mean().item())
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
