@@ -31,13 +31,13 @@ WINDOW = 10
 A2C_SETTINGS: dict[str, Any] = dict(n_envs=8, ent_coef=0.0)
 A2C_BUDGET = 500_000
 # The ACKTR settings we ship for CartPole-v1 (zoo_hyperparams/acktr.yml; ACKTR defaults otherwise: learning_rate
-# 0.25, vf_coef 0.25, momentum 0.9, damping 0.01, stats_decay 0.99). Five K-FAC steps on the value loss per batch
-# (n_critic_updates 5) halved the steps of the entry with one (3 / 7 / 10 steps: 20-40 seeds each); kfac_clip 0.01
-# instead of the paper's 0.001 and n_steps 10 instead of 20 were chosen on 5 seeds with one critic step, where
-# learning rate, kfac_clip, entropy, damping, stats_decay, advantages, learning-rate decay, momentum, n_steps, n_envs,
-# gradient clipping, GAE lambda, gamma and network width were no faster (2-40 seeds each, docs/performance.md). The
-# cadence (statistics and background eigendecompositions every 8 updates, one CG refinement) learns as fast as fresh
-# statistics and decompositions at every update at a fraction of the cost.
+# 0.25, vf_coef 0.25, momentum 0.9, kfac_damping 0.01, kfac_stats_decay 0.99). Five K-FAC steps on the value loss per
+# batch (n_critic_updates 5) halved the steps of the entry with one (3 / 7 / 10 steps: 20-40 seeds each); kfac_clip
+# 0.01 instead of the paper's 0.001 and n_steps 10 instead of 20 were chosen on 5 seeds with one critic step, where
+# learning rate, kfac_clip, entropy, kfac_damping, kfac_stats_decay, advantages, learning-rate decay, momentum,
+# n_steps, n_envs, gradient clipping, GAE lambda, gamma and network width were no faster (2-40 seeds each,
+# docs/performance.md). The cadence (statistics and background eigendecompositions every 8 updates, one CG
+# refinement) learns as fast as fresh statistics and decompositions at every update at a fraction of the cost.
 # Median steps to 475 (step counts do not depend on the machine; docs/performance.md):
 #   A2C                              seeds 0-4 56,960, 0-19 79,480, 20-39 81,960, 0-39 80,920
 #   ACKTR (these)                    seeds 0-4 27,360, 0-19 21,880, 20-39 25,680, 0-39 23,200

@@ -382,7 +382,7 @@ class TRPO(OnPolicyAlgorithm):
             return None
         return objective, kl
 
-    def _critic_fit(self, observations: PyTorchObs, returns: th.Tensor) -> list[float]:
+    def _fit_critic(self, observations: PyTorchObs, returns: th.Tensor) -> list[float]:
         """
         ``n_critic_updates`` epochs of minibatch updates of the critic parameters on the value loss. A minibatch
         whose value loss or gradient is not finite (a NaN or inf reward, an inf observation) is skipped before it
@@ -433,7 +433,7 @@ class TRPO(OnPolicyAlgorithm):
             rollout_data.old_log_prob[thin],
             rollout_data.advantages[thin],
         )
-        value_losses = self._critic_fit(rollout_data.observations, rollout_data.returns)
+        value_losses = self._fit_critic(rollout_data.observations, rollout_data.returns)
 
         self._n_updates += 1
         explained_var = explained_variance(self.rollout_buffer.values.flatten(), self.rollout_buffer.returns.flatten())

@@ -138,7 +138,9 @@ class KFAC(th.optim.Optimizer):
     :param momentum: momentum ``m`` of the default step rule (0.9 if not given); not with ``optimizer_class``
     :param kfac_clip: trust-region radius κ on ``lr² Vᵀ F V``
     :param kfac_damping: Tikhonov damping λ
-    :param kfac_stats_decay: running-average factor of the Kronecker factors
+    :param kfac_stats_decay: running-average factor of the Kronecker factors, per step
+    :param kfac_stats_interval: steps between the caller's statistics updates (each decays by ``kfac_stats_decay``
+        to this power)
     :param kfac_update: steps between curvature refreshes
     :param weight_decay: L2 coefficient added to the gradient before preconditioning (and to the blocks' damping)
     :param kfac_cold_iter: number of initial cold-start steps (clipped gradient, no preconditioning)
@@ -165,6 +167,7 @@ class KFAC(th.optim.Optimizer):
         kfac_clip: float = 0.001,
         kfac_damping: float = 0.01,
         kfac_stats_decay: float = 0.99,
+        kfac_stats_interval: int = 1,
         kfac_update: int = 1,
         weight_decay: float = 0.0,
         kfac_cold_iter: int = 0,
@@ -181,7 +184,8 @@ class KFAC(th.optim.Optimizer):
         **renamed: Any,
     ) -> None:
         options = dict(
-            kfac_damping=kfac_damping, kfac_stats_decay=kfac_stats_decay, kfac_cold_iter=kfac_cold_iter,
+            kfac_damping=kfac_damping, kfac_stats_decay=kfac_stats_decay, kfac_stats_interval=kfac_stats_interval,
+            kfac_cold_iter=kfac_cold_iter,
             kfac_cold_max_grad_norm=kfac_cold_max_grad_norm, kfac_inverse=kfac_inverse, kfac_low_rank=kfac_low_rank,
             kfac_low_rank_min_dim=kfac_low_rank_min_dim, kfac_async=kfac_async, kfac_refine=kfac_refine,
         )  # fmt: skip

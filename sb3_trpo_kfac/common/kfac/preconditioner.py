@@ -75,7 +75,9 @@ class KFACPreconditioner:
     :param lr: learning rate η: the trust region bounds ``η² Vᵀ F V`` (``param_groups[i]["lr"]`` is read at each step)
     :param kfac_clip: trust-region radius κ
     :param kfac_damping: Tikhonov damping λ added to the Kronecker-factored Fisher
-    :param kfac_stats_decay: running-average factor ρ of the factors (the first batch initialises them)
+    :param kfac_stats_decay: running-average factor ρ of the factors per step (the first batch initialises them)
+    :param kfac_stats_interval: the caller updates the statistics every this many steps: each update then decays the
+        factors by ``ρ ** kfac_stats_interval``, so their memory in steps is the same whatever the interval
     :param kfac_update: refresh the curvature at the first step with new statistics at least this many steps after the
         last refresh (every ``kfac_update`` steps when statistics come every step; right after them when less often)
     :param weight_decay: L2 coefficient added to the gradient (and to the damping of the blocks)
@@ -103,6 +105,7 @@ class KFACPreconditioner:
         kfac_clip: float = 0.001,
         kfac_damping: float = 0.01,
         kfac_stats_decay: float = 0.99,
+        kfac_stats_interval: int = 1,
         kfac_update: int = 1,
         weight_decay: float = 0.0,
         kfac_cold_iter: int = 0,
@@ -120,6 +123,7 @@ class KFACPreconditioner:
         stats_decay = check_float("kfac_stats_decay", kfac_stats_decay, 0.0, 1.0)
         if stats_decay == 1.0:
             raise ValueError("`kfac_stats_decay` must be < 1, otherwise the statistics never change")
+        stats_decay **= check_int("kfac_stats_interval", kfac_stats_interval, 1)
         self.kfac_damping = check_float("kfac_damping", kfac_damping, 0.0, low_inclusive=False)
         kfac_update, kfac_cold_iter = check_int("kfac_update", kfac_update, 1), check_int("kfac_cold_iter", kfac_cold_iter, 0)
         self.kfac_cold_max_grad_norm = check_float("kfac_cold_max_grad_norm", kfac_cold_max_grad_norm, 0.0, low_inclusive=False)
@@ -131,7 +135,8 @@ class KFACPreconditioner:
         if not isinstance(kfac_async, bool):
             raise TypeError(f"`kfac_async` must be a bool, got {type(kfac_async).__name__}")
         self.kfac_async = kfac_async
-        self.solver = KroneckerSolver(check_int("kfac_refine", kfac_refine, 0))
+        self.kfac_refine = check_int("kfac_refine", kfac_refine, 0)
+        self.solver = KroneckerSolver(self.kfac_refine)
         self.kfac_clip = defaults["kfac_clip"] = check_float("kfac_clip", kfac_clip, 0.0, low_inclusive=False)
 
         self.param_groups = parameter_groups(model.parameters() if params is None else params)
