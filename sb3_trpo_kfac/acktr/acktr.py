@@ -1,4 +1,6 @@
 import contextlib
+import io
+import pathlib
 from typing import Any, ClassVar, TypeVar
 
 import torch as th
@@ -13,13 +15,23 @@ from torch.nn import functional as F
 
 from sb3_trpo_kfac.common.gradient_clipping import clip_grad_norm_
 from sb3_trpo_kfac.common.kfac import KFAC
+from sb3_trpo_kfac.common.kfac.options import check_kfac_arguments, check_momentum
 from sb3_trpo_kfac.common.kfac.renamed import renamed_keywords
 from sb3_trpo_kfac.common.policy_parameters import (
     frozen_features_value_fn,
     split_actor_critic_parameters,
     zero_observations,
 )
-from sb3_trpo_kfac.common.validation import check_float, check_int, check_on_policy_arguments
+from sb3_trpo_kfac.common.saving import OURS, SavedModel, check_model_file
+from sb3_trpo_kfac.common.validation import (
+    SUPPORTED_ACTION_SPACES,
+    ArgumentError,
+    check_bool,
+    check_float,
+    check_int,
+    check_on_policy_arguments,
+    check_rollout_size,
+)
 
 SelfACKTR = TypeVar("SelfACKTR", bound="ACKTR")
 
@@ -36,9 +48,9 @@ class ACKTR(OnPolicyAlgorithm):
     Paper: https://arxiv.org/abs/1708.05144 (Wu et al. 2017). Defaults follow OpenAI baselines / Stable-Baselines 2
     (learning rate 0.25, ``kfac_clip`` 0.001, momentum 0.9, ``kfac_damping`` 0.01, ``kfac_stats_decay`` 0.99,
     ``vf_fisher_coef`` 1.0, ``n_steps`` 20, ``ent_coef`` 0.01, ``vf_coef`` 0.25) except where noted
-    (``kfac_cold_iter``: 0 here, 10 in baselines' Atari ACKTR; see below). The K-FAC knobs have the names they have in
-    ``KFAC``, which checks them; ``damping``, ``stats_decay`` and ``cold_iter`` are their former names, still accepted
-    (with a DeprecationWarning) and read from models saved with them.
+    (``kfac_cold_iter``: 0 here, 10 in baselines' Atari ACKTR; see below). The K-FAC knobs have the names and the
+    checks they have in ``KFAC``; ``damping``, ``stats_decay`` and ``cold_iter`` are their former names, still
+    accepted (with a DeprecationWarning) and read from models saved with them.
 
     The K-FAC statistics come from a sampled "Fisher loss" on the same forward pass:
     ``−Σ log π(a|s) − vf_fisher_coef · Σ (V(s) − sg(V(s) + ε))²``, ε ~ N(0, 1), where ``a`` are the rollout actions
@@ -192,36 +204,15 @@ class ACKTR(OnPolicyAlgorithm):
         given = dict(kfac_damping=kfac_damping, kfac_stats_decay=kfac_stats_decay, kfac_cold_iter=kfac_cold_iter)
         defaults = {"kfac_damping": 0.01, "kfac_stats_decay": 0.99, "kfac_cold_iter": 0}
         given.update(renamed_keywords("ACKTR", renamed, RENAMED, {k: (v, defaults[k]) for k, v in given.items()}))
-        # Fail before building anything (the K-FAC knobs are checked once, by KFAC, when _setup_model builds it).
-        if use_rms_prop:
-            raise ValueError(
-                "`use_rms_prop=True` is not supported: ACKTR's default step rule is momentum SGD (leave it False, or "
-                "pass policy_kwargs=dict(optimizer_class=th.optim.RMSprop))"
-            )
-        check_on_policy_arguments(learning_rate, n_steps, gamma, gae_lambda)
-        check_float("ent_coef", ent_coef)
-        check_float("vf_coef", vf_coef, 0.0)
-        check_float("max_grad_norm", max_grad_norm, 0.0, low_inclusive=False)
-        self.vf_kfac_clip = (
-            None if vf_kfac_clip is None else check_float("vf_kfac_clip", vf_kfac_clip, 0.0, low_inclusive=False)
-        )
-        self.n_critic_updates = check_int("n_critic_updates", n_critic_updates, 1)
-        self.vf_fisher_coef = check_float("vf_fisher_coef", vf_fisher_coef, 0.0)
-        self.kfac_clip, self.kfac_update, self.kfac_stats_interval = kfac_clip, kfac_update, kfac_stats_interval
-        self.kfac_damping, self.kfac_stats_decay, self.kfac_cold_iter = (given[k] for k in defaults)
-        self.kfac_inverse, self.kfac_low_rank, self.kfac_async = kfac_inverse, kfac_low_rank, kfac_async
-        self.kfac_refine, self.momentum = kfac_refine, momentum
-
-        super().__init__(
-            policy,
-            env,
+        # Fail before building anything.
+        on_policy_kwargs = check_on_policy_arguments(
+            self.policy_aliases,
+            policy=policy,
+            env=env,
             learning_rate=learning_rate,
             n_steps=n_steps,
             gamma=gamma,
             gae_lambda=gae_lambda,
-            ent_coef=ent_coef,
-            vf_coef=vf_coef,
-            max_grad_norm=max_grad_norm,
             use_sde=use_sde,
             sde_sample_freq=sde_sample_freq,
             rollout_buffer_class=rollout_buffer_class,
@@ -230,15 +221,57 @@ class ACKTR(OnPolicyAlgorithm):
             tensorboard_log=tensorboard_log,
             policy_kwargs=policy_kwargs,
             verbose=verbose,
-            device=device,
             seed=seed,
+            device=device,
+        )
+        if check_bool("use_rms_prop", use_rms_prop):
+            raise ArgumentError(
+                "`use_rms_prop=True` is not supported: ACKTR's default step rule is momentum SGD (leave it False, or "
+                "pass policy_kwargs=dict(optimizer_class=th.optim.RMSprop))"
+            )
+        if policy_kwargs is not None and "optimizer_kwargs" in policy_kwargs and "optimizer_class" not in policy_kwargs:
+            raise ArgumentError(
+                "`policy_kwargs['optimizer_kwargs']` needs `policy_kwargs['optimizer_class']`: the default step rule is "
+                "K-FAC's momentum SGD, set by `momentum`"
+            )
+        check_float("rms_prop_eps", rms_prop_eps, 0.0)  # accepted for A2C compatibility, unused
+        normalize_advantage = check_bool("normalize_advantage", normalize_advantage)
+        check_rollout_size(on_policy_kwargs["n_steps"], env, normalize_advantage)
+        check_bool("_init_setup_model", _init_setup_model)
+        ent_coef = check_float("ent_coef", ent_coef, 0.0)
+        vf_coef = check_float("vf_coef", vf_coef, 0.0)
+        # inf: no clipping, as in A2C
+        max_grad_norm = check_float("max_grad_norm", max_grad_norm, 0.0, low_inclusive=False, allow_inf=True)
+        self.vf_kfac_clip = (
+            None if vf_kfac_clip is None else check_float("vf_kfac_clip", vf_kfac_clip, 0.0, low_inclusive=False)
+        )
+        self.n_critic_updates = check_int("n_critic_updates", n_critic_updates, 1)
+        self.vf_fisher_coef = check_float("vf_fisher_coef", vf_fisher_coef, 0.0)
+        # the K-FAC knobs: KFAC's own checks (options.py), run here too so that a bad value fails this early
+        self.momentum = check_momentum(momentum)
+        knobs = check_kfac_arguments(
+            kfac_clip=kfac_clip, kfac_update=kfac_update, kfac_stats_interval=kfac_stats_interval,
+            kfac_inverse=kfac_inverse, kfac_low_rank=kfac_low_rank, kfac_async=kfac_async, kfac_refine=kfac_refine,
+            **given,
+        )  # fmt: skip
+        self.kfac_clip: float = knobs["kfac_clip"]
+        self.kfac_damping: float = knobs["kfac_damping"]
+        self.kfac_stats_decay: float = knobs["kfac_stats_decay"]
+        self.kfac_update: int = knobs["kfac_update"]
+        self.kfac_stats_interval: int = knobs["kfac_stats_interval"]
+        self.kfac_cold_iter: int = knobs["kfac_cold_iter"]
+        self.kfac_inverse: str = knobs["kfac_inverse"]
+        self.kfac_low_rank: int | None = knobs["kfac_low_rank"]
+        self.kfac_async: bool = knobs["kfac_async"]
+        self.kfac_refine: int = knobs["kfac_refine"]
+
+        super().__init__(
+            ent_coef=ent_coef,
+            vf_coef=vf_coef,
+            max_grad_norm=max_grad_norm,
             _init_setup_model=False,
-            supported_action_spaces=(
-                spaces.Box,
-                spaces.Discrete,
-                spaces.MultiDiscrete,
-                spaces.MultiBinary,
-            ),
+            supported_action_spaces=SUPPORTED_ACTION_SPACES,
+            **on_policy_kwargs,
         )
 
         self.normalize_advantage = normalize_advantage
@@ -269,8 +302,6 @@ class ACKTR(OnPolicyAlgorithm):
         step_rule: dict[str, Any] = dict(momentum=self.momentum)
         if "optimizer_class" in self.policy_kwargs:
             step_rule = dict(optimizer_class=self.policy.optimizer_class, optimizer_kwargs=self.policy.optimizer_kwargs)
-        elif "optimizer_kwargs" in self.policy_kwargs:
-            step_rule["optimizer_kwargs"] = self.policy_kwargs["optimizer_kwargs"]  # KFAC refuses them without a class
         # K-FAC replaces the policy's optimizer, so SB3's save/load ("policy.optimizer") carries its state.
         self.policy.optimizer = KFAC(
             self.policy,
@@ -395,4 +426,41 @@ class ACKTR(OnPolicyAlgorithm):
             tb_log_name=tb_log_name,
             reset_num_timesteps=reset_num_timesteps,
             progress_bar=progress_bar,
+        )
+
+    @classmethod
+    def load(
+        cls: type[SelfACKTR],
+        path: str | pathlib.Path | io.BufferedIOBase,
+        env: GymEnv | None = None,
+        device: th.device | str = "auto",
+        custom_objects: dict[str, Any] | None = None,
+        print_system_info: bool = False,
+        force_reset: bool = True,
+        **kwargs: Any,
+    ) -> SelfACKTR:
+        """
+        Load an ACKTR model as SB3's ``load`` does, after checking the file: one that is not a readable model
+        zip, or that holds another algorithm's model (TRPO, A2C, PPO, ...; an A2C model's optimizer
+        state is not K-FAC's), is refused with a ``ValueError`` saying what it holds. The ``kwargs`` that are
+        constructor keywords are checked as the constructor checks them.
+
+        :param path: the file (a path, with or without ".zip", or a binary file object)
+        :param env: the environment to run the loaded model on (if None, the saved one, if any)
+        :param device: device on which the model should run
+        :param custom_objects: saved attributes to replace instead of reading them (e.g. unreadable ones)
+        :param print_system_info: whether to print the system information of the saving and of this machine
+        :param force_reset: reset the environment before the next ``learn()``
+        :param kwargs: attributes to set on the loaded model
+        :return: the loaded model
+        """
+        check_model_file(cls, (SavedModel("ACKTR", OURS),), path, custom_objects, kwargs)
+        return super().load(
+            path,
+            env=env,
+            device=device,
+            custom_objects=custom_objects,
+            print_system_info=print_system_info,
+            force_reset=force_reset,
+            **kwargs,
         )

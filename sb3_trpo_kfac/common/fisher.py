@@ -180,9 +180,9 @@ class GaussNewtonFisher:
         return flat_concat(product) + self.damping * vector
 
 
-# Past these sizes LinearLayerFisher's per-sample contractions cost more than the two autograd passes of
-# GaussNewtonFisher they replace (measured on CPU: break-even near 8e5 Jacobian elements, e.g. 1024 samples of
-# SB3's 64-64 MLP with 6 action dimensions).
+# LinearLayerFisher saves the fixed per-call cost of GaussNewtonFisher's two autograd passes, which dominates on
+# small batches, but its per-sample contractions grow with the batch: past these sizes the autograd product is the
+# cheaper one (measurements in docs/performance.md, "TRPO update cost").
 MAX_DIRECT_PARAMETERS = 256
 MAX_JACOBIAN_ELEMENTS = 2**19
 

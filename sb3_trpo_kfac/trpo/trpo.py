@@ -1,4 +1,6 @@
 import contextlib
+import io
+import pathlib
 import warnings
 from typing import Any, ClassVar, TypeVar
 
@@ -29,7 +31,16 @@ from sb3_trpo_kfac.common.policy_parameters import (
     index_observations,
     split_actor_critic_parameters,
 )
-from sb3_trpo_kfac.common.validation import check_float, check_int, check_on_policy_arguments
+from sb3_trpo_kfac.common.saving import CONTRIB, OURS, SavedModel, check_model_file, kl_dimensions
+from sb3_trpo_kfac.common.validation import (
+    SUPPORTED_ACTION_SPACES,
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    check_on_policy_arguments,
+    check_rollout_size,
+)
 from sb3_trpo_kfac.trpo.policies import CnnPolicy, MlpPolicy, MultiInputPolicy
 
 SelfTRPO = TypeVar("SelfTRPO", bound="TRPO")
@@ -150,6 +161,28 @@ class TRPO(OnPolicyAlgorithm):
         _init_setup_model: bool = True,
     ):
         # Checked before the environment is built, so a typo fails fast.
+        on_policy_kwargs = check_on_policy_arguments(
+            self.policy_aliases,
+            policy=policy,
+            env=env,
+            learning_rate=learning_rate,
+            n_steps=n_steps,
+            gamma=gamma,
+            gae_lambda=gae_lambda,
+            use_sde=use_sde,
+            sde_sample_freq=sde_sample_freq,
+            rollout_buffer_class=rollout_buffer_class,
+            rollout_buffer_kwargs=rollout_buffer_kwargs,
+            stats_window_size=stats_window_size,
+            tensorboard_log=tensorboard_log,
+            policy_kwargs=policy_kwargs,
+            verbose=verbose,
+            seed=seed,
+            device=device,
+        )
+        normalize_advantage = check_bool("normalize_advantage", normalize_advantage)
+        check_rollout_size(on_policy_kwargs["n_steps"], env, normalize_advantage)
+        check_bool("_init_setup_model", _init_setup_model)
         self.batch_size = check_int("batch_size", batch_size, minimum=1)
         self.cg_max_steps = check_int("cg_max_steps", cg_max_steps, minimum=1)
         self.cg_damping = check_float("cg_damping", cg_damping, low=0.0)
@@ -166,38 +199,15 @@ class TRPO(OnPolicyAlgorithm):
         self.target_kl = check_float("target_kl", target_kl, low=0.0, low_inclusive=False)
         self.sub_sampling_factor = check_int("sub_sampling_factor", sub_sampling_factor, minimum=1)
         self.fisher_subsample = check_float("fisher_subsample", fisher_subsample, 0.0, 1.0, low_inclusive=False)
-        if cg_preconditioner not in CG_PRECONDITIONERS:
-            raise ValueError(f"`cg_preconditioner` must be one of {CG_PRECONDITIONERS}, got {cg_preconditioner!r}")
-        self.cg_preconditioner = cg_preconditioner
-        check_on_policy_arguments(learning_rate, n_steps, gamma, gae_lambda)
+        self.cg_preconditioner = check_choice("cg_preconditioner", cg_preconditioner, CG_PRECONDITIONERS)
 
         super().__init__(
-            policy,
-            env,
-            learning_rate=learning_rate,
-            n_steps=n_steps,
-            gamma=gamma,
-            gae_lambda=gae_lambda,
             ent_coef=0.0,  # entropy bonus is not used by TRPO
             vf_coef=0.0,  # value function is optimized separately
             max_grad_norm=0.0,
-            use_sde=use_sde,
-            sde_sample_freq=sde_sample_freq,
-            rollout_buffer_class=rollout_buffer_class,
-            rollout_buffer_kwargs=rollout_buffer_kwargs,
-            stats_window_size=stats_window_size,
-            tensorboard_log=tensorboard_log,
-            policy_kwargs=policy_kwargs,
-            verbose=verbose,
-            device=device,
-            seed=seed,
             _init_setup_model=False,
-            supported_action_spaces=(
-                spaces.Box,
-                spaces.Discrete,
-                spaces.MultiDiscrete,
-                spaces.MultiBinary,
-            ),
+            supported_action_spaces=SUPPORTED_ACTION_SPACES,
+            **on_policy_kwargs,
         )
 
         self.normalize_advantage = normalize_advantage
@@ -208,11 +218,6 @@ class TRPO(OnPolicyAlgorithm):
             self.policy_kwargs = {**self.policy_kwargs, "optimizer_kwargs": {"fused": True, "eps": 1e-5}}
         if self.env is not None:
             buffer_size = self.env.num_envs * self.n_steps
-            if normalize_advantage and buffer_size <= 1:
-                raise ValueError(
-                    "`n_steps * n_envs` must be greater than 1 to normalize advantages. "
-                    f"Currently n_steps={self.n_steps} and n_envs={self.env.num_envs}"
-                )
             if buffer_size % batch_size > 0:
                 warnings.warn(
                     f"You have specified a mini-batch size of {batch_size}, but because the `RolloutBuffer` is of size "
@@ -469,4 +474,51 @@ class TRPO(OnPolicyAlgorithm):
             tb_log_name=tb_log_name,
             reset_num_timesteps=reset_num_timesteps,
             progress_bar=progress_bar,
+        )
+
+    @classmethod
+    def load(
+        cls: type[SelfTRPO],
+        path: str | pathlib.Path | io.BufferedIOBase,
+        env: GymEnv | None = None,
+        device: th.device | str = "auto",
+        custom_objects: dict[str, Any] | None = None,
+        print_system_info: bool = False,
+        force_reset: bool = True,
+        **kwargs: Any,
+    ) -> SelfTRPO:
+        """
+        Load a TRPO model as SB3's ``load`` does, after checking the file: one that is not a readable model
+        zip, or that holds another algorithm's model (ACKTR, A2C, PPO, ...), is refused with a
+        ``ValueError`` saying what it holds. A file of sb3-contrib's TRPO loads as it is (same keywords; see the
+        class docstring for the two that differ by the action dimension: a warning says so when they do). The
+        ``kwargs`` that are constructor keywords are checked as the constructor checks them.
+
+        :param path: the file (a path, with or without ".zip", or a binary file object)
+        :param env: the environment to run the loaded model on (if None, the saved one, if any)
+        :param device: device on which the model should run
+        :param custom_objects: saved attributes to replace instead of reading them (e.g. unreadable ones)
+        :param print_system_info: whether to print the system information of the saving and of this machine
+        :param force_reset: reset the environment before the next ``learn()``
+        :param kwargs: attributes to set on the loaded model
+        :return: the loaded model
+        """
+        accepted = (SavedModel("TRPO", OURS), SavedModel("TRPO", CONTRIB))
+        saved, data = check_model_file(cls, accepted, path, custom_objects, kwargs)
+        dimensions = kl_dimensions(data["action_space"]) if "action_space" in data else 1
+        if saved.library == CONTRIB and dimensions > 1:
+            warnings.warn(
+                f"Loading a model of sb3-contrib's TRPO: its target_kl ({data.get('target_kl')}) and cg_damping "
+                f"({data.get('cg_damping')}) are kept, but sb3-contrib averages the KL over the {dimensions} action "
+                f"dimensions where this TRPO sums it: its trust region is {dimensions} times larger. To keep its "
+                f"steps, load with target_kl and cg_damping multiplied by {dimensions}."
+            )
+        return super().load(
+            path,
+            env=env,
+            device=device,
+            custom_objects=custom_objects,
+            print_system_info=print_system_info,
+            force_reset=force_reset,
+            **kwargs,
         )

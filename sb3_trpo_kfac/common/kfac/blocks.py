@@ -15,6 +15,8 @@ import torch as th
 from torch import nn
 from torch.nn import functional as F
 
+from sb3_trpo_kfac.common.validation import ArgumentError, ArgumentTypeError
+
 
 class KFACBlock(ABC):
     """
@@ -150,7 +152,7 @@ def make_blocks(model: nn.Module, modules: Iterable[nn.Module] | None, param_ids
         candidates = list(modules)
         for module in candidates:
             if block_type(module) is None:
-                raise TypeError(f"`modules`: K-FAC blocks exist for nn.Linear and nn.Conv2d, got {type(module).__name__}")
+                raise ArgumentTypeError(f"`modules`: K-FAC blocks exist for nn.Linear and nn.Conv2d, got {type(module).__name__}")
     # covered modules by weight: modules that share a weight (tied weights) make one block
     by_weight: dict[int, list[tuple[str, nn.Module]]] = {}
     seen: set[int] = set()
@@ -177,7 +179,7 @@ def make_blocks(model: nn.Module, modules: Iterable[nn.Module] | None, param_ids
         for other_name, other in others:
             # the calls of tied modules are extra locations of one block only if W̄ = [W, b] is the same matrix
             if type(other) is not type(first) or trained_bias(other) is not trained_bias(first):
-                raise ValueError(
+                raise ArgumentError(
                     f"`model`: {name} and {other_name} share their weight but not their bias (or are of different "
                     "kinds); K-FAC needs one block per parameter, fed by all its uses (tie the biases too, or leave "
                     "the weight out of `params`)"
@@ -198,7 +200,7 @@ def _refuse_uses_outside_blocks(model: nn.Module, blocks: list[KFACBlock]) -> No
         for param in new_block.params:
             known = owner.setdefault(id(param), new_block)
             if known is not new_block:
-                raise ValueError(
+                raise ArgumentError(
                     f"`model`: {known.name} and {new_block.name} share their bias but not their weight; K-FAC needs "
                     "one block per parameter (tie the weights too, or leave the bias out of `params`)"
                 )
@@ -210,7 +212,7 @@ def _refuse_uses_outside_blocks(model: nn.Module, blocks: list[KFACBlock]) -> No
             role = "weight" if tensor is block.weight else "bias"
             if attr != role or not any(user is m for m in block.modules):
                 use = f"{module_name}.{attr}" if module_name else attr
-                raise ValueError(
+                raise ArgumentError(
                     f"`model`: the {role} of {block.name} is also used as {use}, which K-FAC does not cover; a "
                     "parameter's block must see all its uses (cover that module too, or leave the parameter out "
                     "of `params`)"

@@ -5,7 +5,7 @@ from typing import Any
 
 import torch as th
 
-from sb3_trpo_kfac.common.validation import check_float
+from sb3_trpo_kfac.common.validation import ArgumentError, ArgumentTypeError, check_float
 
 
 def parameter_groups(params: Iterable[Any]) -> list[dict[str, Any]]:
@@ -19,12 +19,12 @@ def parameter_groups(params: Iterable[Any]) -> list[dict[str, Any]]:
     items = list(params)
     as_groups = [isinstance(item, dict) for item in items]
     if any(as_groups) and not (all(as_groups) and all("params" in item for item in items)):
-        raise TypeError("`params` must be parameters or parameter groups (dicts with a 'params' entry), not a mix")
+        raise ArgumentTypeError("`params` must be parameters or parameter groups (dicts with a 'params' entry), not a mix")
     groups = [dict(item) for item in items] if any(as_groups) else [{"params": items}]
     seen: set[int] = set()
     for group in groups:
         if "weight_decay" in group:
-            raise ValueError("`params`: weight_decay is common to all groups (it enters the blocks' damping)")
+            raise ArgumentError("`params`: weight_decay is common to all groups (it enters the blocks' damping)")
         if "lr" in group:
             check_float("params[...]['lr']", group["lr"], 0.0)
         if "kfac_clip" in group:
@@ -34,12 +34,12 @@ def parameter_groups(params: Iterable[Any]) -> list[dict[str, Any]]:
         if unique:
             group_kind(unique)
         if any(id(p) in seen for p in unique):
-            raise ValueError("`params`: a parameter appears in more than one group")
+            raise ArgumentError("`params`: a parameter appears in more than one group")
         seen.update(id(p) for p in unique)
         group["params"] = unique
     groups = [group for group in groups if group["params"]]
     if not groups:
-        raise ValueError("`params`: no parameter requires grad")
+        raise ArgumentError("`params`: no parameter requires grad")
     return groups
 
 
@@ -48,7 +48,7 @@ def group_kind(params: Iterable[th.Tensor]) -> tuple[th.dtype, th.device]:
     kinds = {(p.dtype, p.device) for p in params}
     if len(kinds) > 1:  # a group's gradients and directions live in one flat tensor of each
         kinds_text = ", ".join(sorted(f"{dtype} on {device}" for dtype, device in kinds))
-        raise TypeError(f"`params`: the parameters of a group must share one dtype and device, got {kinds_text}")
+        raise ArgumentTypeError(f"`params`: the parameters of a group must share one dtype and device, got {kinds_text}")
     return next(iter(kinds))
 
 

@@ -13,10 +13,11 @@ from torch import nn
 
 from sb3_trpo_kfac.common.kfac.blocks import KFACBlock
 from sb3_trpo_kfac.common.kfac.layout import GroupBuffers
+from sb3_trpo_kfac.common.kfac.options import check_momentum
 from sb3_trpo_kfac.common.kfac.preconditioner import STATE_KEYS, KFACPreconditioner, Preconditioned
 from sb3_trpo_kfac.common.kfac.renamed import renamed_keywords
 from sb3_trpo_kfac.common.kfac.schedule import KFACCounters
-from sb3_trpo_kfac.common.validation import check_float
+from sb3_trpo_kfac.common.validation import ArgumentError, ArgumentTypeError, check_float
 
 # keywords of KFAC renamed so that each knob has one name across the package (old name -> new name)
 RENAMED = {
@@ -192,18 +193,16 @@ class KFAC(th.optim.Optimizer):
         defaults = {name: param.default for name, param in _SIGNATURE.items()}
         options.update(renamed_keywords("KFAC", renamed, RENAMED, {k: (v, defaults[k]) for k, v in options.items()}))
         if optimizer_class is None:
-            momentum = check_float("momentum", 0.9 if momentum is None else momentum, 0.0, 1.0)
-            if momentum == 1.0:
-                raise ValueError("`momentum` must be < 1 (the step is lr * (1 - momentum))")
+            momentum = check_momentum(0.9 if momentum is None else momentum)
             if optimizer_kwargs:
-                raise ValueError("`optimizer_kwargs` needs `optimizer_class` (the default step rule takes `momentum`)")
+                raise ArgumentError("`optimizer_kwargs` needs `optimizer_class` (the default step rule takes `momentum`)")
         else:
             if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, th.optim.Optimizer)):
-                raise TypeError(f"`optimizer_class` must be a torch.optim.Optimizer subclass, got {optimizer_class!r}")
+                raise ArgumentTypeError(f"`optimizer_class` must be a torch.optim.Optimizer subclass, got {optimizer_class!r}")
             if momentum is not None:
-                raise ValueError("`momentum` is the default step rule's; pass the settings of `optimizer_class` in `optimizer_kwargs`")
+                raise ArgumentError("`momentum` is the default step rule's; pass the settings of `optimizer_class` in `optimizer_kwargs`")
         if optimizer_kwargs is not None and not isinstance(optimizer_kwargs, dict):
-            raise TypeError(f"`optimizer_kwargs` must be a dict, got {type(optimizer_kwargs).__name__}")
+            raise ArgumentTypeError(f"`optimizer_kwargs` must be a dict, got {type(optimizer_kwargs).__name__}")
         self.preconditioner = KFACPreconditioner(
             model, params, lr=lr, kfac_clip=kfac_clip, kfac_update=kfac_update, weight_decay=weight_decay, modules=modules,
             **options,
@@ -314,7 +313,7 @@ class KFAC(th.optim.Optimizer):
         has_step_rule = isinstance(self._step_rule, OptimizerRule)
         if ("step_rule" in state_dict) != has_step_rule:
             saved, ours = ("an optimizer_class", "the default") if not has_step_rule else ("the default", "an optimizer_class")
-            raise ValueError(f"`state_dict` was saved with {saved} step rule, this KFAC has {ours} one")
+            raise ArgumentError(f"`state_dict` was saved with {saved} step rule, this KFAC has {ours} one")
         # a copy: torch's loader keeps the given tensors, which the optimizer they came from may update in place
         state_dict = copy.deepcopy(state_dict)
         counters = state_dict.pop("kfac_counters", None)

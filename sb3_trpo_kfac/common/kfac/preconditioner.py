@@ -13,17 +13,18 @@ import torch as th
 from torch import nn
 
 from sb3_trpo_kfac.common.kfac.blocks import KFACBlock, make_blocks
-from sb3_trpo_kfac.common.kfac.curvature import INVERSE_MODES, BlockCurvature
+from sb3_trpo_kfac.common.kfac.curvature import BlockCurvature
 from sb3_trpo_kfac.common.kfac.decomposition import BackgroundDecomposition, CurvatureJob
 from sb3_trpo_kfac.common.kfac.eigen import EigenCurvature
 from sb3_trpo_kfac.common.kfac.groups import current_kinds, group_kind, parameter_groups
 from sb3_trpo_kfac.common.kfac.inverse import InverseCurvature
 from sb3_trpo_kfac.common.kfac.layout import GroupBuffers, GroupLayout
 from sb3_trpo_kfac.common.kfac.low_rank import LowRankEigenCurvature, LowRankInverseCurvature
+from sb3_trpo_kfac.common.kfac.options import check_kfac_arguments
 from sb3_trpo_kfac.common.kfac.schedule import CurvatureSchedule, KFACCounters
 from sb3_trpo_kfac.common.kfac.solve import KroneckerSolver
 from sb3_trpo_kfac.common.kfac.statistics import FactorStatistics, KroneckerFactors
-from sb3_trpo_kfac.common.validation import check_float, check_int
+from sb3_trpo_kfac.common.validation import ArgumentError, ArgumentTypeError, check_float
 
 # the curvature representation of a block, by kfac_inverse and whether its input factor is low-rank
 CURVATURE_TYPES: dict[tuple[str, bool], type[BlockCurvature]] = {
@@ -118,26 +119,19 @@ class KFACPreconditioner:
         modules: Iterable[nn.Module] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
-            raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+            raise ArgumentTypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
         defaults = dict(lr=check_float("lr", lr, 0.0), weight_decay=check_float("weight_decay", weight_decay, 0.0))
-        stats_decay = check_float("kfac_stats_decay", kfac_stats_decay, 0.0, 1.0)
-        if stats_decay == 1.0:
-            raise ValueError("`kfac_stats_decay` must be < 1, otherwise the statistics never change")
-        stats_decay **= check_int("kfac_stats_interval", kfac_stats_interval, 1)
-        self.kfac_damping = check_float("kfac_damping", kfac_damping, 0.0, low_inclusive=False)
-        kfac_update, kfac_cold_iter = check_int("kfac_update", kfac_update, 1), check_int("kfac_cold_iter", kfac_cold_iter, 0)
-        self.kfac_cold_max_grad_norm = check_float("kfac_cold_max_grad_norm", kfac_cold_max_grad_norm, 0.0, low_inclusive=False)
-        if kfac_inverse not in INVERSE_MODES:
-            raise ValueError(f"`kfac_inverse` must be one of {INVERSE_MODES}, got {kfac_inverse!r}")
-        self.kfac_inverse = kfac_inverse
-        self.kfac_low_rank = None if kfac_low_rank is None else check_int("kfac_low_rank", kfac_low_rank, 1)
-        self.kfac_low_rank_min_dim = check_int("kfac_low_rank_min_dim", kfac_low_rank_min_dim, 1)
-        if not isinstance(kfac_async, bool):
-            raise TypeError(f"`kfac_async` must be a bool, got {type(kfac_async).__name__}")
-        self.kfac_async = kfac_async
-        self.kfac_refine = check_int("kfac_refine", kfac_refine, 0)
+        knobs = check_kfac_arguments(
+            kfac_clip=kfac_clip, kfac_damping=kfac_damping, kfac_stats_decay=kfac_stats_decay,
+            kfac_stats_interval=kfac_stats_interval, kfac_update=kfac_update, kfac_cold_iter=kfac_cold_iter,
+            kfac_cold_max_grad_norm=kfac_cold_max_grad_norm, kfac_inverse=kfac_inverse, kfac_low_rank=kfac_low_rank,
+            kfac_low_rank_min_dim=kfac_low_rank_min_dim, kfac_async=kfac_async, kfac_refine=kfac_refine,
+        )  # fmt: skip
+        self.kfac_clip = defaults["kfac_clip"] = knobs["kfac_clip"]
+        self.kfac_damping, self.kfac_cold_max_grad_norm = knobs["kfac_damping"], knobs["kfac_cold_max_grad_norm"]
+        self.kfac_inverse, self.kfac_async, self.kfac_refine = knobs["kfac_inverse"], knobs["kfac_async"], knobs["kfac_refine"]
+        self.kfac_low_rank, self.kfac_low_rank_min_dim = knobs["kfac_low_rank"], knobs["kfac_low_rank_min_dim"]
         self.solver = KroneckerSolver(self.kfac_refine)
-        self.kfac_clip = defaults["kfac_clip"] = check_float("kfac_clip", kfac_clip, 0.0, low_inclusive=False)
 
         self.param_groups = parameter_groups(model.parameters() if params is None else params)
         for group in self.param_groups:
@@ -147,12 +141,13 @@ class KFACPreconditioner:
         self.blocks = make_blocks(model, modules, set(group_of))
         for block in self.blocks:
             if block.bias is not None and group_of.get(id(block.bias), group_of[id(block.weight)]) != group_of[id(block.weight)]:
-                raise ValueError(f"`params`: the weight and bias of {block.name} are in different parameter groups")
+                raise ArgumentError(f"`params`: the weight and bias of {block.name} are in different parameter groups")
         # the trust region (parameter group) each block's ⟨V, ∇⟩ counts in
         self.block_groups = {block: group_of[id(block.weight)] for block in self.blocks}
 
         self.counters = KFACCounters()
-        self.schedule = CurvatureSchedule(kfac_update, kfac_cold_iter, self.counters)
+        self.schedule = CurvatureSchedule(knobs["kfac_update"], knobs["kfac_cold_iter"], self.counters)
+        stats_decay = knobs["kfac_stats_decay"] ** knobs["kfac_stats_interval"]  # per statistics update
         self.statistics = FactorStatistics(self.blocks, stats_decay, self.counters)
         self.curvature: dict[KFACBlock, BlockCurvature] = {block: self._curvature_type(block)() for block in self.blocks}
         self.background = BackgroundDecomposition()

@@ -3,6 +3,8 @@
 import warnings
 from typing import Any
 
+from sb3_trpo_kfac.common.validation import ArgumentTypeError
+
 
 def renamed_keywords(owner: str, given: dict[str, Any], renames: dict[str, str], current: dict[str, Any]) -> dict[str, Any]:
     """
@@ -19,10 +21,10 @@ def renamed_keywords(owner: str, given: dict[str, Any], renames: dict[str, str],
     for old, value in given.items():
         new = renames.get(old)
         if new is None:
-            raise TypeError(f"{owner}() got an unexpected keyword argument {old!r}")
+            raise ArgumentTypeError(f"{owner}() got an unexpected keyword argument {old!r}")
         called, default = current[new]
         if called is not default and called != default:
-            raise TypeError(f"{owner}() got both `{old}` (its old name) and `{new}`; give `{new}` only")
+            raise ArgumentTypeError(f"{owner}() got both `{old}` (its old name) and `{new}`; give `{new}` only")
         warnings.warn(f"{owner}: `{old}` is deprecated, use `{new}`", DeprecationWarning, stacklevel=3)
         out[new] = value
     return out
