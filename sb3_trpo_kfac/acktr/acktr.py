@@ -231,8 +231,8 @@ class ACKTR(OnPolicyAlgorithm):
             )
         if policy_kwargs is not None and "optimizer_kwargs" in policy_kwargs and "optimizer_class" not in policy_kwargs:
             raise ArgumentError(
-                "`policy_kwargs['optimizer_kwargs']` needs `policy_kwargs['optimizer_class']`: the default step rule is "
-                "K-FAC's momentum SGD, set by `momentum`"
+                "`policy_kwargs['optimizer_kwargs']` needs `policy_kwargs['optimizer_class']`: the default step rule "
+                "is K-FAC's momentum SGD, set by `momentum`"
             )
         check_float("rms_prop_eps", rms_prop_eps, 0.0)  # accepted for A2C compatibility, unused
         normalize_advantage = check_bool("normalize_advantage", normalize_advantage)

@@ -92,7 +92,9 @@ def decompositions(opt: KFAC) -> list[th.Tensor]:
 
 def saved_state(opt: KFAC) -> dict[tuple[int, str], th.Tensor]:
     """Everything the optimizer saves per parameter (step rule, factors, decompositions), copied."""
-    return {(i, key): value.clone() for i, entries in opt.state_dict()["state"].items() for key, value in entries.items()}
+    return {
+        (i, key): value.clone() for i, entries in opt.state_dict()["state"].items() for key, value in entries.items()
+    }
 
 
 # ---------------------------------------------------------------------- data and steps

@@ -23,7 +23,9 @@ def _step_rule(model: ACKTR) -> th.optim.Optimizer:
 @pytest.mark.parametrize("optimizer_kwargs", [None, dict(weight_decay=0.0)])
 def test_custom_optimizer(optimizer_kwargs):
     policy_kwargs = dict(optimizer_class=th.optim.AdamW, optimizer_kwargs=optimizer_kwargs, net_arch=[32])
-    model = ACKTR("MlpPolicy", "Pendulum-v1", policy_kwargs=policy_kwargs, n_steps=64, learning_rate=1e-3, seed=0, device="cpu")
+    model = ACKTR(
+        "MlpPolicy", "Pendulum-v1", policy_kwargs=policy_kwargs, n_steps=64, learning_rate=1e-3, seed=0, device="cpu"
+    )
     before = [p.detach().clone() for p in model.policy.parameters()]
     model.learn(300)
     inner = _step_rule(model)
@@ -49,8 +51,14 @@ def test_tf_like_rmsprop_optimizer():
 
 def test_the_step_rule_gets_the_trust_region_scaled_natural_gradient(monkeypatch):
     model = ACKTR(
-        "MlpPolicy", make_vec_env("CartPole-v1", n_envs=2, seed=0), n_steps=8, kfac_clip=1e-6, learning_rate=0.01,
-        policy_kwargs=dict(net_arch=[8], optimizer_class=th.optim.SGD), seed=0, device="cpu",
+        "MlpPolicy",
+        make_vec_env("CartPole-v1", n_envs=2, seed=0),
+        n_steps=8,
+        kfac_clip=1e-6,
+        learning_rate=0.01,
+        policy_kwargs=dict(net_arch=[8], optimizer_class=th.optim.SGD),
+        seed=0,
+        device="cpu",
     )
     optimizer, inner = model.policy.optimizer, _step_rule(model)
     seen = []
@@ -81,7 +89,10 @@ def test_save_load_carries_the_step_rule_state(tmp_path):
     model.save(tmp_path / "acktr")
     loaded = ACKTR.load(tmp_path / "acktr", env=make_env(), device="cpu")
     ours, theirs = _step_rule(loaded), _step_rule(model)
-    assert ours.param_groups[0]["betas"] == (0.8, 0.95) and ours.state_dict()["state"].keys() == theirs.state_dict()["state"].keys()
+    assert (
+        ours.param_groups[0]["betas"] == (0.8, 0.95)
+        and ours.state_dict()["state"].keys() == theirs.state_dict()["state"].keys()
+    )
     for state, other in zip(ours.state_dict()["state"].values(), theirs.state_dict()["state"].values()):
         assert all(th.equal(th.as_tensor(state[key]), th.as_tensor(other[key])) for key in state)
     for m in (model, loaded):

@@ -78,7 +78,9 @@ def test_tied_weight_and_bias_are_one_block_fed_by_both_uses():
     grads = [layer.weight.grad.clone(), layer.bias.grad.clone()]
     before = [layer.weight.detach().clone(), layer.bias.detach().clone()]
     opt.step()
-    th.testing.assert_close(applied_step(before, [layer.weight, layer.bias]), dense_step(opt, layer, grads, lr, damping))
+    th.testing.assert_close(
+        applied_step(before, [layer.weight, layer.bias]), dense_step(opt, layer, grads, lr, damping)
+    )
 
 
 def test_tied_modules_and_a_module_called_twice_are_the_same_block():
@@ -139,7 +141,10 @@ def test_parameter_with_a_use_outside_its_block_raises():
     conv, grouped = nn.Conv2d(2, 2, 1), nn.Conv2d(2, 2, 1, groups=2)
     grouped.weight = nn.Parameter(th.zeros(2, 1, 1, 1))
     grouped.bias = conv.bias
-    with pytest.warns(UserWarning, match="grouped"), pytest.raises(ValueError, match=r"bias of 0 is also used as 1\.bias"):
+    with (
+        pytest.warns(UserWarning, match="grouped"),
+        pytest.raises(ValueError, match=r"bias of 0 is also used as 1\.bias"),
+    ):
         KFAC(nn.Sequential(conv, grouped))
     # the same module holding its own weight a second time, under another name
     layer = nn.Linear(3, 2)

@@ -11,7 +11,17 @@ from sb3_trpo_kfac.common.kfac.inverse import InverseCurvature
 from sb3_trpo_kfac.common.kfac.low_rank import LowRankEigenCurvature, LowRankInverseCurvature
 from sb3_trpo_kfac.common.kfac.statistics import KroneckerFactors
 
-from .conftest import curvature, dense_factored, dense_kfac, factors, mlp, regression_step, sample_loss, train_steps, wbar
+from .conftest import (
+    curvature,
+    dense_factored,
+    dense_kfac,
+    factors,
+    mlp,
+    regression_step,
+    sample_loss,
+    train_steps,
+    wbar,
+)
 
 
 def _factors(dim_a: int, dim_g: int, rank_a: int | None = None) -> KroneckerFactors:
@@ -86,7 +96,13 @@ def test_low_rank_input_factor_is_exact_when_rank_suffices(inverse):
     layer = nn.Linear(30, 4).double()
     damping = 0.02
     opt = KFAC(
-        layer, lr=1.0, momentum=0.0, kfac_clip=1e9, kfac_damping=damping, kfac_inverse=inverse, kfac_low_rank=8,
+        layer,
+        lr=1.0,
+        momentum=0.0,
+        kfac_clip=1e9,
+        kfac_damping=damping,
+        kfac_inverse=inverse,
+        kfac_low_rank=8,
         kfac_low_rank_min_dim=10,
     )
     x = th.randn(6, 30, dtype=th.float64)  # A = mean ā āᵀ has rank 6 <= kfac_low_rank

@@ -31,7 +31,9 @@ def test_async_decomposition_equals_synchronous_one_update_late(inverse):
     assert not all(th.equal(a, b) for a, b in zip(first, background))
     # a synchronous decomposition of the same factors gives the same result
     opt.update_curvature()
-    assert all(th.equal(a, b) for a, b in zip(snapshot, (t for layer in (model[0], model[2]) for t in factors(opt, layer))))
+    assert all(
+        th.equal(a, b) for a, b in zip(snapshot, (t for layer in (model[0], model[2]) for t in factors(opt, layer)))
+    )
     for a, b in zip(background, decompositions(opt)):
         th.testing.assert_close(a, b, rtol=0, atol=0)
 
@@ -50,7 +52,9 @@ def test_async_snapshot_is_not_affected_by_later_statistics():
         th.testing.assert_close(rep.a.vectors @ th.diag(rep.a.values) @ rep.a.vectors.T, a, atol=1e-6, rtol=0)
         th.testing.assert_close(rep.g.vectors @ th.diag(rep.g.values) @ rep.g.vectors.T, g, atol=1e-6, rtol=0)
         th.testing.assert_close(rep.g.values, th.where(d_g < 1e-6, 0.0, d_g))
-        assert not th.allclose(rep.a.vectors @ th.diag(rep.a.values) @ rep.a.vectors.T, factors(opt, layer)[0], atol=1e-6)
+        assert not th.allclose(
+            rep.a.vectors @ th.diag(rep.a.values) @ rep.a.vectors.T, factors(opt, layer)[0], atol=1e-6
+        )
     assert opt.counters["stats_at_curvature"] == 2 and opt.counters["stats_updates"] == 4
 
 

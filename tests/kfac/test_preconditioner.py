@@ -13,7 +13,6 @@ from .conftest import (
     fit_statistics,
     loss_and_grads,
     mlp,
-    sample_loss,
     saved_state,
     train_steps,
     wbar,
@@ -25,7 +24,14 @@ def test_step_quadratic_kl_within_clip(momentum):
     model = mlp()
     log_std = nn.Parameter(th.zeros(2, dtype=th.float64))
     kfac_clip, damping, lr = 1e-3, 0.01, 0.5
-    opt = KFAC(model, lr=lr, momentum=momentum, kfac_clip=kfac_clip, kfac_damping=damping, params=[*model.parameters(), log_std])
+    opt = KFAC(
+        model,
+        lr=lr,
+        momentum=momentum,
+        kfac_clip=kfac_clip,
+        kfac_damping=damping,
+        params=[*model.parameters(), log_std],
+    )
     fit_statistics(model, opt)
     opt.zero_grad()
     x = th.randn(16, 3, dtype=th.float64)
@@ -88,7 +94,9 @@ def test_standalone_preconditioner_rewrites_grad_for_any_optimizer():
     grads = [wbar(layer, layer.weight.grad, layer.bias.grad).flatten() for layer in layers]
     before = [wbar(layer, layer.weight, layer.bias).detach().clone() for layer in layers]
     assert preconditioner.step()
-    naturals = [th.linalg.solve(dense_kfac([factors(preconditioner, layer)], damping), g) for layer, g in zip(layers, grads)]
+    naturals = [
+        th.linalg.solve(dense_kfac([factors(preconditioner, layer)], damping), g) for layer, g in zip(layers, grads)
+    ]
     nu = min(1.0, (kfac_clip / (lr**2 * sum(float(v @ g) for v, g in zip(naturals, grads)))) ** 0.5)
     assert preconditioner.last_nu[0] == pytest.approx(nu, rel=1e-9) and nu < 1.0
     for layer, natural in zip(layers, naturals):  # .grad now holds ν V, weight and bias alike
@@ -124,7 +132,12 @@ def test_step_without_curvature_refresh_keeps_basis_and_schedule():
     assert not th.equal(model[0].weight, before)
     assert th.equal(curvature(opt, model[0]).a.vectors, basis)
     counters = opt.counters
-    assert (counters["steps"], counters["updates"], counters["extra_steps"], counters["curvature_updates"]) == (1, 1, 1, 1)
+    assert (counters["steps"], counters["updates"], counters["extra_steps"], counters["curvature_updates"]) == (
+        1,
+        1,
+        1,
+        1,
+    )
     opt.step()  # still the second cold-start step, and now the basis is refreshed
     assert counters["curvature_updates"] == 2 and counters["updates"] == 2 and opt.last_nu == [1.0]
 
@@ -228,7 +241,8 @@ def test_bad_arguments(kwargs, error, name):
 
 
 @pytest.mark.parametrize(
-    "kwargs", [dict(kfac_damping=-1.0), dict(kfac_low_rank_min_dim=0), dict(kfac_cold_max_grad_norm=0.0), dict(kfac_low_rank=0)]
+    "kwargs",
+    [dict(kfac_damping=-1.0), dict(kfac_low_rank_min_dim=0), dict(kfac_cold_max_grad_norm=0.0), dict(kfac_low_rank=0)],
 )
 def test_optimizer_and_preconditioner_share_their_checks(kwargs):
     # KFAC's kfac_* knobs are its preconditioner's: one name, one check, one message

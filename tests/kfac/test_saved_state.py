@@ -41,7 +41,13 @@ def _model_and_optimizer(kind: str) -> tuple[nn.Module, KFAC, int]:
         return model, KFAC(model, lr=0.1, momentum=0.5, kfac_update=2, kfac_refine=1, params=groups), 3
     model = nn.Sequential(nn.Linear(30, 4), nn.Tanh(), nn.Linear(4, 2)).double()
     opt = KFAC(
-        model, lr=0.1, kfac_clip=0.01, kfac_inverse="inverse", kfac_low_rank=4, kfac_low_rank_min_dim=10, kfac_cold_iter=1
+        model,
+        lr=0.1,
+        kfac_clip=0.01,
+        kfac_inverse="inverse",
+        kfac_low_rank=4,
+        kfac_low_rank_min_dim=10,
+        kfac_cold_iter=1,
     )
     return model, opt, 30
 
@@ -66,7 +72,9 @@ def test_an_optimizer_state_saved_by_the_previous_code_continues_bit_for_bit(kin
 def test_an_acktr_model_saved_by_the_previous_code_continues_bit_for_bit():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # SB3's own, on loading
-        model = ACKTR.load(os.path.join(DATA, "acktr_v1.zip"), env=make_vec_env("CartPole-v1", n_envs=2, seed=0), device="cpu")
+        model = ACKTR.load(
+            os.path.join(DATA, "acktr_v1.zip"), env=make_vec_env("CartPole-v1", n_envs=2, seed=0), device="cpu"
+        )
     # saved as damping=0.02, stats_decay=0.95, cold_iter=1: read under their current names
     assert (model.kfac_damping, model.kfac_stats_decay, model.kfac_cold_iter) == (0.02, 0.95, 1)
     assert not {"damping", "stats_decay", "cold_iter"} & set(vars(model))
@@ -85,7 +93,9 @@ def test_acktr_accepts_the_former_keyword_names():
     assert {str(w.message) for w in record} >= {
         f"ACKTR: `{name}` is deprecated, use `kfac_{name}`" for name in ("damping", "stats_decay", "cold_iter")
     }
-    new = ACKTR("MlpPolicy", "CartPole-v1", kfac_damping=0.02, kfac_stats_decay=0.95, kfac_cold_iter=1, **kwargs).learn(32)
+    new = ACKTR("MlpPolicy", "CartPole-v1", kfac_damping=0.02, kfac_stats_decay=0.95, kfac_cold_iter=1, **kwargs).learn(
+        32
+    )
     assert all(th.equal(p, q) for p, q in zip(old.policy.parameters(), new.policy.parameters()))
     with pytest.raises(TypeError, match="got both `damping`"):
         ACKTR("MlpPolicy", "CartPole-v1", damping=0.02, kfac_damping=0.03, **kwargs)

@@ -15,7 +15,12 @@ def test_preconditioned_gradient_matches_dense_solve(inverse):
     scale = nn.Parameter(th.ones(2, dtype=th.float64))  # outside any block: raw gradient
     damping = 0.05
     opt = KFAC(
-        model, lr=1.0, momentum=0.0, kfac_clip=1e9, kfac_damping=damping, kfac_inverse=inverse,
+        model,
+        lr=1.0,
+        momentum=0.0,
+        kfac_clip=1e9,
+        kfac_damping=damping,
+        kfac_inverse=inverse,
         params=[*model.parameters(), scale],
     )
     fit_statistics(model, opt)
@@ -50,7 +55,13 @@ def test_refinement_solves_the_current_factors_with_a_stale_decomposition(invers
     def step_after_stale_decomposition(refine: int) -> tuple[KFAC, list, list, list]:
         model = mlp()
         opt = KFAC(
-            model, lr=1.0, momentum=0.0, kfac_clip=1e9, kfac_damping=damping, kfac_inverse=inverse, kfac_update=100,
+            model,
+            lr=1.0,
+            momentum=0.0,
+            kfac_clip=1e9,
+            kfac_damping=damping,
+            kfac_inverse=inverse,
+            kfac_update=100,
             kfac_refine=refine,
         )
         th.manual_seed(1)
@@ -69,7 +80,9 @@ def test_refinement_solves_the_current_factors_with_a_stale_decomposition(invers
     # exact damping of the current factors, whatever the preconditioner's mode
     opt, grads, steps, current = step_after_stale_decomposition(refine=30)
     for grad, step, (a, g) in zip(grads, steps, current):
-        th.testing.assert_close(step, th.linalg.solve(dense_kfac([(a, g)], damping), grad.flatten()).reshape(grad.shape))
+        th.testing.assert_close(
+            step, th.linalg.solve(dense_kfac([(a, g)], damping), grad.flatten()).reshape(grad.shape)
+        )
     # without refinement the step follows the stale decomposition: the test above is not vacuous
     _, grads, stale_steps, current = step_after_stale_decomposition(refine=0)
     assert all(not th.allclose(a, b, rtol=1e-3, atol=0.0) for a, b in zip(steps, stale_steps))
@@ -150,7 +163,9 @@ def test_block_without_statistics_keeps_raw_gradient_beside_a_same_shape_block()
     before = [wbar(layer, layer.weight.detach(), layer.bias.detach()).clone() for layer in layers]
     opt.step()
     steps = [old - wbar(layer, layer.weight.detach(), layer.bias.detach()) for layer, old in zip(layers, before)]
-    expected = th.linalg.solve(dense_kfac([factors(opt, model["seen"])], damping), grads[0].flatten()).reshape(grads[0].shape)
+    expected = th.linalg.solve(dense_kfac([factors(opt, model["seen"])], damping), grads[0].flatten()).reshape(
+        grads[0].shape
+    )
     th.testing.assert_close(steps[0], expected)
     th.testing.assert_close(steps[1], grads[1])
 

@@ -10,6 +10,7 @@ Linear applied to ``(N, T, in)`` inputs); the statistics (:mod:`.statistics`) tr
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
+from typing import cast
 
 import torch as th
 from torch import nn
@@ -32,8 +33,9 @@ class KFACBlock(ABC):
         self.name = name
         self.module = module
         self.modules = [module, *tied]
-        self.weight: nn.Parameter = module.weight
-        self.bias: nn.Parameter | None = module.bias if module.bias is not None and module.bias.requires_grad else None
+        self.weight = cast(nn.Parameter, module.weight)
+        bias = cast(nn.Parameter | None, module.bias)
+        self.bias = bias if bias is not None and bias.requires_grad else None
 
     @staticmethod
     def unsupported(module: nn.Module) -> str | None:
@@ -108,9 +110,10 @@ class Conv2dBlock(KFACBlock):
     @staticmethod
     def patches(conv: nn.Conv2d, x: th.Tensor) -> th.Tensor:
         """The inputs ``x`` (N, C, H, W) as rows ``a`` (one per sample and output position), without the 1."""
-        padding = (0, 0) if conv.padding == "valid" else conv.padding
+        # a string is "valid" here ("same" is not covered)
+        padding: tuple[int, ...] = (0, 0) if isinstance(conv.padding, str) else conv.padding
         if conv.padding_mode != "zeros":
-            (pad_h, pad_w) = padding  # type: ignore[misc]
+            pad_h, pad_w = padding
             x = F.pad(x, (pad_w, pad_w, pad_h, pad_h), mode=conv.padding_mode)
             padding = (0, 0)
         # columns ordered as weight.view(out, -1): (channel, kernel row, kernel column)
@@ -152,7 +155,9 @@ def make_blocks(model: nn.Module, modules: Iterable[nn.Module] | None, param_ids
         candidates = list(modules)
         for module in candidates:
             if block_type(module) is None:
-                raise ArgumentTypeError(f"`modules`: K-FAC blocks exist for nn.Linear and nn.Conv2d, got {type(module).__name__}")
+                raise ArgumentTypeError(
+                    f"`modules`: K-FAC blocks exist for nn.Linear and nn.Conv2d, got {type(module).__name__}"
+                )
     # covered modules by weight: modules that share a weight (tied weights) make one block
     by_weight: dict[int, list[tuple[str, nn.Module]]] = {}
     seen: set[int] = set()

@@ -166,7 +166,13 @@ class BlockCurvature(ABC):
         for name, (kind, keys) in self.KEYS.items():
             value = getattr(self, name)
             if value is not None:
-                parts = [value] if kind is None else value if kind is tuple else [getattr(value, f.name) for f in dataclasses.fields(value)]
+                parts = (
+                    [value]
+                    if kind is None
+                    else value
+                    if kind is tuple
+                    else [getattr(value, f.name) for f in dataclasses.fields(value)]
+                )
                 out.update(zip(keys, parts))
         return out
 

@@ -48,7 +48,10 @@ class CurvatureJob:
                 stacks.setdefault((mat.shape[0], mat.dtype), []).append((job, side, mat))
             if snapshot and curvature.reads:
                 job.factors = KroneckerFactors(
-                    *(getattr(factors, side).clone() if side in curvature.reads else getattr(factors, side) for side in ("a", "g"))
+                    *(
+                        getattr(factors, side).clone() if side in curvature.reads else getattr(factors, side)
+                        for side in ("a", "g")
+                    )
                 )
             self.blocks.append(job)
         # per size: the (block, factor) pairs, their stack, and the batched eigh of the stack (None if it raised)
@@ -87,7 +90,9 @@ class CurvatureJob:
         # _foreach kernel: one call instead of one per tensor)
         all_finite = not computed or bool(th.isfinite(th.stack(th._foreach_norm(computed))).all())
         for group, stack, result in zip(self.eigen_groups, self.eigen_stacks, self.eigen_results, strict=True):
-            if result is not None and (all_finite or bool(th.isfinite(result[0]).all() and th.isfinite(result[1]).all())):
+            if result is not None and (
+                all_finite or bool(th.isfinite(result[0]).all() and th.isfinite(result[1]).all())
+            ):
                 values = result[0].masked_fill(result[0] < EIGENVALUE_FLOOR, 0.0)
                 pairs: list[Eigen | None] = [Eigen(v, q) for v, q in zip(values.unbind(0), result[1].unbind(0))]
             else:
@@ -100,7 +105,9 @@ class CurvatureJob:
     def _one_by_one(self, job: BlockJob, side: str, mat: th.Tensor) -> Eigen | None:
         result = eigen(mat)
         if result is None:
-            self.failures.append(f"KFAC: eigendecomposition of a factor of {job.block.name} failed; keeping the previous basis")
+            self.failures.append(
+                f"KFAC: eigendecomposition of a factor of {job.block.name} failed; keeping the previous basis"
+            )
             return getattr(job.before, side)
         return result
 
@@ -150,4 +157,3 @@ class BackgroundDecomposition:
         if self._pending is not None:
             self._pending[0].cancel()
             self._pending = None
-

@@ -1,4 +1,4 @@
-"""Factored damping (Martens & Grosse 2015): ``V = (G + √λ/π I)⁻¹ M (A + π√λ I)⁻¹``, cheaper than eigendecompositions."""
+"""Factored damping (Martens & Grosse 2015): ``V = (G + √λ/π I)⁻¹ M (A + π√λ I)⁻¹``, cheaper than eigh."""
 
 import dataclasses
 from typing import Any

@@ -9,12 +9,21 @@ from typing import Any
 
 import torch as th
 
-from sb3_trpo_kfac.common.kfac.curvature import BlockCurvature, Eigen, LowRankEigen, damped_inverse, factored_damping, top_eigen
+from sb3_trpo_kfac.common.kfac.curvature import (
+    BlockCurvature,
+    Eigen,
+    LowRankEigen,
+    damped_inverse,
+    factored_damping,
+    top_eigen,
+)
 from sb3_trpo_kfac.common.kfac.inverse import inverse_failure
 from sb3_trpo_kfac.common.kfac.statistics import KroneckerFactors
 
 
-def _top_eigen(name: str, factors: KroneckerFactors, rank: int | None, previous: LowRankEigen | None, failures: list[str]) -> LowRankEigen | None:
+def _top_eigen(
+    name: str, factors: KroneckerFactors, rank: int | None, previous: LowRankEigen | None, failures: list[str]
+) -> LowRankEigen | None:
     """The new top eigenpairs of ``A``, or the previous ones (with a message) if the subspace iteration failed."""
     assert rank is not None
     result = top_eigen(factors.a, rank, previous)

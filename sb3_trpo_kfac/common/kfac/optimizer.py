@@ -4,7 +4,10 @@ the optimizer's state (as SB3 does with ``policy.optimizer``) carries the factor
 step rule's state alike.
 """
 
+import contextlib
 import copy
+import inspect
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -12,12 +15,12 @@ import torch as th
 from torch import nn
 
 from sb3_trpo_kfac.common.kfac.blocks import KFACBlock
-from sb3_trpo_kfac.common.kfac.layout import GroupBuffers
-from sb3_trpo_kfac.common.kfac.options import check_momentum
-from sb3_trpo_kfac.common.kfac.preconditioner import STATE_KEYS, KFACPreconditioner, Preconditioned
+from sb3_trpo_kfac.common.kfac.preconditioner import KFACPreconditioner
 from sb3_trpo_kfac.common.kfac.renamed import renamed_keywords
 from sb3_trpo_kfac.common.kfac.schedule import KFACCounters
-from sb3_trpo_kfac.common.validation import ArgumentError, ArgumentTypeError, check_float
+from sb3_trpo_kfac.common.kfac.state import STATE_KEYS
+from sb3_trpo_kfac.common.kfac.step_rules import MomentumRule, OptimizerRule, check_group_momentum, check_step_rule
+from sb3_trpo_kfac.common.validation import ArgumentError
 
 # keywords of KFAC renamed so that each knob has one name across the package (old name -> new name)
 RENAMED = {
@@ -31,88 +34,6 @@ RENAMED = {
     "async_decomposition": "kfac_async",
     "refine_iterations": "kfac_refine",
 }
-# keys of KFAC's parameter groups that are not the step rule's (optimizer_class gets the others)
-GROUP_KEYS = ("params", "lr", "weight_decay", "kfac_clip", "momentum")
-
-
-class MomentumRule:
-    """
-    The paper's step (OpenAI baselines' ``KfacOptimizer``): ``buf ← m buf + ν V``, ``p ← p − lr (1 − m) buf`` per
-    parameter group. A group's buffers (``state[p]["momentum_buffer"]``) are views of one flat tensor in the layout of
-    the preconditioner's buffers, so the update is two calls whatever the layer count; ν enters the fused add.
-    """
-
-    def __init__(self, optimizer: th.optim.Optimizer) -> None:
-        self.optimizer = optimizer
-        # per group: the preconditioner buffers its momentum was laid out for, its flat momentum and its views
-        self._momentum: list[tuple[GroupBuffers, th.Tensor, list[th.Tensor]]] = []
-
-    def _buffers(self, index: int, group: GroupBuffers) -> tuple[th.Tensor, list[th.Tensor]]:
-        """A group's flat momentum (rebuilt with its layout; momentum buffers it already has, e.g. loaded, move in)."""
-        if index < len(self._momentum) and self._momentum[index][0] is group:
-            return self._momentum[index][1:]  # type: ignore[return-value]
-        flat = group.layout.zeros()
-        views, _ = group.layout.views(flat)
-        for p, view in zip(group.params, views):
-            state = self.optimizer.state[p]
-            if "momentum_buffer" in state:
-                view.copy_(state["momentum_buffer"])
-            state["momentum_buffer"] = view
-        self._momentum[index:] = [(group, flat, views)]
-        return flat, views
-
-    def apply(self, result: Preconditioned) -> None:
-        for index, (param_group, group, indices, nu) in enumerate(
-            zip(self.optimizer.param_groups, result.groups, result.present, result.nus)
-        ):
-            flat, views = self._buffers(index, group)
-            if len(indices) == len(group.params):  # the flat buffers at once
-                params, momentum_views, momentum, directions = group.params, views, [flat], [group.direction]
-            else:  # parameters without a gradient keep their momentum buffer and value
-                if not indices:
-                    continue
-                params = [group.params[i] for i in indices]
-                momentum = momentum_views = [views[i] for i in indices]
-                directions = [group.direction_views[i] for i in indices]
-            # torch's private _foreach kernels: one call per operation for all parameters, whatever the layer count
-            th._foreach_mul_(momentum, param_group["momentum"])
-            th._foreach_add_(momentum, directions, alpha=nu)
-            th._foreach_add_(params, momentum_views, alpha=-param_group["lr"] * (1.0 - param_group["momentum"]))
-
-
-class OptimizerRule:
-    """
-    A torch optimizer stepping on the preconditioned gradient: ``.grad ← ν V``, then its ``step()``. Its parameter
-    groups mirror KFAC's (same parameters; ``lr`` follows KFAC's, which SB3's schedules set).
-
-    :param optimizer_class: the optimizer (e.g. ``torch.optim.Adam``)
-    :param optimizer_kwargs: its keywords, except the learning rate
-    :param param_groups: KFAC's parameter groups
-    """
-
-    def __init__(
-        self, optimizer_class: type[th.optim.Optimizer], optimizer_kwargs: dict[str, Any], param_groups: list[dict[str, Any]]
-    ) -> None:
-        self.param_groups = param_groups
-        self.optimizer = optimizer_class([self._mirror(group) for group in param_groups], **optimizer_kwargs)
-
-    @staticmethod
-    def _mirror(group: dict[str, Any]) -> dict[str, Any]:
-        return {"params": group["params"], "lr": group["lr"], **{k: v for k, v in group.items() if k not in GROUP_KEYS}}
-
-    def add_group(self, group: dict[str, Any]) -> None:
-        self.optimizer.add_param_group(self._mirror(group))
-
-    def apply(self, result: Preconditioned) -> None:
-        for mirror, group in zip(self.optimizer.param_groups, self.param_groups):
-            mirror["lr"] = group["lr"]
-        for p, state in self.optimizer.state.items():  # follow parameters that changed dtype or device
-            for key, value in state.items():
-                if key != "step" and isinstance(value, th.Tensor) and value.is_floating_point():
-                    if value.dtype != p.dtype or value.device != p.device:
-                        state[key] = value.to(device=p.device, dtype=p.dtype)
-        result.write_gradients()
-        self.optimizer.step()
 
 
 class KFAC(th.optim.Optimizer):
@@ -184,41 +105,30 @@ class KFAC(th.optim.Optimizer):
         optimizer_kwargs: dict[str, Any] | None = None,
         **renamed: Any,
     ) -> None:
-        options = dict(
-            kfac_damping=kfac_damping, kfac_stats_decay=kfac_stats_decay, kfac_stats_interval=kfac_stats_interval,
-            kfac_cold_iter=kfac_cold_iter,
+        knobs: dict[str, Any] = dict(
+            kfac_clip=kfac_clip, kfac_damping=kfac_damping, kfac_stats_decay=kfac_stats_decay,
+            kfac_stats_interval=kfac_stats_interval, kfac_update=kfac_update, kfac_cold_iter=kfac_cold_iter,
             kfac_cold_max_grad_norm=kfac_cold_max_grad_norm, kfac_inverse=kfac_inverse, kfac_low_rank=kfac_low_rank,
             kfac_low_rank_min_dim=kfac_low_rank_min_dim, kfac_async=kfac_async, kfac_refine=kfac_refine,
         )  # fmt: skip
-        defaults = {name: param.default for name, param in _SIGNATURE.items()}
-        options.update(renamed_keywords("KFAC", renamed, RENAMED, {k: (v, defaults[k]) for k, v in options.items()}))
-        if optimizer_class is None:
-            momentum = check_momentum(0.9 if momentum is None else momentum)
-            if optimizer_kwargs:
-                raise ArgumentError("`optimizer_kwargs` needs `optimizer_class` (the default step rule takes `momentum`)")
-        else:
-            if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, th.optim.Optimizer)):
-                raise ArgumentTypeError(f"`optimizer_class` must be a torch.optim.Optimizer subclass, got {optimizer_class!r}")
-            if momentum is not None:
-                raise ArgumentError("`momentum` is the default step rule's; pass the settings of `optimizer_class` in `optimizer_kwargs`")
-        if optimizer_kwargs is not None and not isinstance(optimizer_kwargs, dict):
-            raise ArgumentTypeError(f"`optimizer_kwargs` must be a dict, got {type(optimizer_kwargs).__name__}")
+        defaults = {name: parameter.default for name, parameter in inspect.signature(KFAC.__init__).parameters.items()}
+        knobs.update(renamed_keywords("KFAC", renamed, RENAMED, {k: (v, defaults[k]) for k, v in knobs.items()}))
+        momentum = check_step_rule(momentum, optimizer_class, optimizer_kwargs)
+        # the preconditioner checks the K-FAC knobs and makes the parameter groups, which torch's Optimizer adopts
         self.preconditioner = KFACPreconditioner(
-            model, params, lr=lr, kfac_clip=kfac_clip, kfac_update=kfac_update, weight_decay=weight_decay, modules=modules,
-            **options,
-        )  # fmt: skip
-        group_defaults = dict(self.preconditioner.param_groups[0], params=None)
-        group_defaults = {key: group_defaults[key] for key in ("lr", "weight_decay", "kfac_clip")}
+            model, params, lr=lr, weight_decay=weight_decay, modules=modules, **knobs
+        )
+        group_defaults: dict[str, Any] = dict(self.preconditioner.group_defaults)
         if optimizer_class is None:
-            for group in self.preconditioner.param_groups:
-                if "momentum" in group:
-                    check_float("params[...]['momentum']", group["momentum"], 0.0, 1.0, high_inclusive=False)
+            check_group_momentum(self.preconditioner.param_groups)
             group_defaults["momentum"] = momentum
         super().__init__(self.preconditioner.param_groups, group_defaults)
         self.preconditioner.param_groups = self.param_groups  # one list: lr updates and added groups reach it
-        self._step_rule: MomentumRule | OptimizerRule = (
-            MomentumRule(self) if optimizer_class is None else OptimizerRule(optimizer_class, optimizer_kwargs or {}, self.param_groups)
-        )
+        self._step_rule: MomentumRule | OptimizerRule
+        if optimizer_class is None:
+            self._step_rule = MomentumRule(self)
+        else:
+            self._step_rule = OptimizerRule(optimizer_class, optimizer_kwargs or {}, self.param_groups)
 
     # ------------------------------------------------------------------ the preconditioner's interface
     @property
@@ -239,7 +149,7 @@ class KFAC(th.optim.Optimizer):
         """``lr² Vᵀ F V`` of the last step's preconditioned direction (before ν and momentum), per parameter group."""
         return self.preconditioner.last_vfv
 
-    def collect(self) -> Any:
+    def collect(self) -> contextlib.AbstractContextManager[None]:
         """Context in which forward passes of covered layers are saved for :meth:`update_statistics`."""
         return self.preconditioner.collect()
 
@@ -312,7 +222,9 @@ class KFAC(th.optim.Optimizer):
         self.preconditioner.background.discard()  # computed from the factors being replaced
         has_step_rule = isinstance(self._step_rule, OptimizerRule)
         if ("step_rule" in state_dict) != has_step_rule:
-            saved, ours = ("an optimizer_class", "the default") if not has_step_rule else ("the default", "an optimizer_class")
+            saved, ours = (
+                ("an optimizer_class", "the default") if not has_step_rule else ("the default", "an optimizer_class")
+            )
             raise ArgumentError(f"`state_dict` was saved with {saved} step rule, this KFAC has {ours} one")
         # a copy: torch's loader keeps the given tensors, which the optimizer they came from may update in place
         state_dict = copy.deepcopy(state_dict)
@@ -332,13 +244,9 @@ class KFAC(th.optim.Optimizer):
         if step_rule_state is not None:
             self._step_rule.optimizer.load_state_dict(step_rule_state)  # type: ignore[union-attr]
 
-    @th.no_grad()
     def update_preconditioner(self) -> None:
         """Deprecated name of :meth:`update_curvature`."""
-        import warnings
-
-        warnings.warn("KFAC.update_preconditioner is deprecated, use update_curvature", DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            "KFAC.update_preconditioner is deprecated, use update_curvature", DeprecationWarning, stacklevel=2
+        )
         self.update_curvature()
-
-
-_SIGNATURE = __import__("inspect").signature(KFAC.__init__).parameters

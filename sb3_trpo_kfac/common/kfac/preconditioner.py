@@ -3,7 +3,7 @@ The K-FAC preconditioner: turns gradients into trust-region-scaled natural gradi
 + solve, on the cadence of a :class:`CurvatureSchedule`). A first-order step rule then applies them (:mod:`.optimizer`).
 """
 
-import dataclasses
+import contextlib
 import math
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -12,47 +12,18 @@ from typing import Any
 import torch as th
 from torch import nn
 
-from sb3_trpo_kfac.common.kfac.blocks import KFACBlock, make_blocks
+from sb3_trpo_kfac.common.kfac import state
+from sb3_trpo_kfac.common.kfac.blocks import KFACBlock
 from sb3_trpo_kfac.common.kfac.curvature import BlockCurvature
 from sb3_trpo_kfac.common.kfac.decomposition import BackgroundDecomposition, CurvatureJob
-from sb3_trpo_kfac.common.kfac.eigen import EigenCurvature
-from sb3_trpo_kfac.common.kfac.groups import current_kinds, group_kind, parameter_groups
-from sb3_trpo_kfac.common.kfac.inverse import InverseCurvature
+from sb3_trpo_kfac.common.kfac.groups import block_groups, current_kinds, group_kind, parameter_groups
 from sb3_trpo_kfac.common.kfac.layout import GroupBuffers, GroupLayout
-from sb3_trpo_kfac.common.kfac.low_rank import LowRankEigenCurvature, LowRankInverseCurvature
 from sb3_trpo_kfac.common.kfac.options import check_kfac_arguments
 from sb3_trpo_kfac.common.kfac.schedule import CurvatureSchedule, KFACCounters
 from sb3_trpo_kfac.common.kfac.solve import KroneckerSolver
-from sb3_trpo_kfac.common.kfac.statistics import FactorStatistics, KroneckerFactors
+from sb3_trpo_kfac.common.kfac.statistics import FactorStatistics
+from sb3_trpo_kfac.common.kfac.trust_region import Preconditioned, cold_directions, trust_region
 from sb3_trpo_kfac.common.validation import ArgumentError, ArgumentTypeError, check_float
-
-# the curvature representation of a block, by kfac_inverse and whether its input factor is low-rank
-CURVATURE_TYPES: dict[tuple[str, bool], type[BlockCurvature]] = {
-    ("eigen", False): EigenCurvature,
-    ("eigen", True): LowRankEigenCurvature,
-    ("inverse", False): InverseCurvature,
-    ("inverse", True): LowRankInverseCurvature,
-}
-# keys of a block's entries in the optimizer's saved state: its factors and its decompositions
-STATE_KEYS = ("A", "G", *dict.fromkeys(key for kind in CURVATURE_TYPES.values() for _, keys in kind.KEYS.values() for key in keys))
-
-
-@dataclasses.dataclass
-class Preconditioned:
-    """One step's preconditioned gradients: per parameter group, ``V`` in its direction buffer and its scale ν."""
-
-    groups: list[GroupBuffers]
-    present: list[list[int]]  # per group: the positions of the parameters that have a gradient
-    nus: list[float]
-
-    def write_gradients(self) -> None:
-        """``p.grad ← ν V`` for every parameter that has a gradient (the others keep None)."""
-        for group, indices, nu in zip(self.groups, self.present, self.nus):
-            grads = [group.params[i].grad for i in indices]
-            if grads:
-                # torch's private _foreach kernels: one call for all parameters, whatever the layer count
-                th._foreach_copy_(grads, [group.direction_views[i] for i in indices])
-                th._foreach_mul_(grads, nu)
 
 
 class KFACPreconditioner:
@@ -61,18 +32,17 @@ class KFACPreconditioner:
 
     Statistics: call the model inside :meth:`collect`, then :meth:`update_statistics` with a sum-reduced *sampled*
     negative log-likelihood (the Fisher loss). :meth:`precondition_gradients` then turns the gradients in ``.grad``
-    (plus ``weight_decay * p``) into ``V = (A ⊗ G + λI)⁻¹ ∇`` per block (``V = ∇`` outside blocks) and
-    ``ν = min(1, sqrt(kfac_clip / (lr² Σ⟨V, ∇⟩)))`` per parameter group (one trust region each); :meth:`step` writes
-    ``ν V`` into ``.grad`` for any first-order optimizer. The curvature is refreshed every ``kfac_update`` steps once
-    new statistics exist; before any statistics exist the raw gradient is used (inside the same trust region).
+    (plus ``weight_decay * p``) into ``V = (A ⊗ G + λI)⁻¹ ∇`` per block (``V = ∇`` outside blocks) and its scale
+    ``ν`` per parameter group (:mod:`.trust_region`); :meth:`step` writes ``ν V`` into ``.grad`` for any first-order
+    optimizer. The curvature is refreshed every ``kfac_update`` steps once new statistics exist; before any statistics
+    exist the raw gradient is used (inside the same trust region).
 
     Diagnostics of the last step, one entry per parameter group: ``last_nu`` (ν) and ``last_vfv`` (``lr² Vᵀ∇``, equal
     to ``lr² Vᵀ F V`` for the solve and its refinement), so ``last_nu² · last_vfv`` is the quadratic KL of ``ν V``.
 
     :param model: the module whose ``nn.Linear`` / ``nn.Conv2d`` layers get K-FAC blocks
     :param params: parameters (default: all of ``model``'s that require grad), or parameter groups (dicts with
-        ``"params"`` and optionally ``"lr"``, ``"kfac_clip"``), one trust region each; a layer's weight and bias must
-        share a group, ``weight_decay`` is common to all groups
+        ``"params"`` and optionally ``"lr"``, ``"kfac_clip"``), one trust region each (:mod:`.groups`)
     :param lr: learning rate η: the trust region bounds ``η² Vᵀ F V`` (``param_groups[i]["lr"]`` is read at each step)
     :param kfac_clip: trust-region radius κ
     :param kfac_damping: Tikhonov damping λ added to the Kronecker-factored Fisher
@@ -85,16 +55,15 @@ class KFACPreconditioner:
     :param kfac_cold_iter: number of initial updates that use the gradient clipped to ``kfac_cold_max_grad_norm``
         (global norm) without preconditioning or trust region (ν = 1); statistics are still gathered during them
     :param kfac_cold_max_grad_norm: gradient-norm clip of the cold-start steps
-    :param kfac_inverse: ``"eigen"`` (exact damping through eigendecompositions) or ``"inverse"`` (factored damping,
-        see :class:`InverseCurvature`)
+    :param kfac_inverse: ``"eigen"`` (exact damping, :mod:`.eigen`) or ``"inverse"`` (factored damping, :mod:`.inverse`)
     :param kfac_low_rank: if set, input factors of dimension above ``kfac_low_rank_min_dim`` keep only their top
-        ``kfac_low_rank`` eigenpairs (subspace iteration warm-started from the previous basis), see :mod:`.low_rank`
+        ``kfac_low_rank`` eigenpairs (:mod:`.low_rank`)
     :param kfac_low_rank_min_dim: smallest input-factor dimension that uses ``kfac_low_rank``
-    :param kfac_async: compute the curvature in a background thread: a step that is due for a refresh starts it on a
-        copy of the current factors and keeps the current curvature; the next step waits for it and swaps it in (the
-        very first refresh is synchronous). Deterministic; it pays off with a free second core.
+    :param kfac_async: compute the curvature in a background thread (:mod:`.decomposition`): a step due for a refresh
+        starts it on a copy of the factors and keeps the current curvature; the next step swaps the new one in (the
+        first refresh is synchronous). Deterministic; it pays off with a free second core.
     :param kfac_refine: CG iterations on the current factors in steps whose statistics are newer than the curvature
-        (see :class:`KroneckerSolver`): with ``kfac_update > 1`` or ``kfac_async`` the steps then follow the statistics
+        (:mod:`.solve`): with ``kfac_update > 1`` or ``kfac_async`` the steps then follow the statistics
     :param modules: layers to cover (default: every ``nn.Linear`` / ``nn.Conv2d`` in ``model``)
     """
 
@@ -127,30 +96,28 @@ class KFACPreconditioner:
             kfac_cold_max_grad_norm=kfac_cold_max_grad_norm, kfac_inverse=kfac_inverse, kfac_low_rank=kfac_low_rank,
             kfac_low_rank_min_dim=kfac_low_rank_min_dim, kfac_async=kfac_async, kfac_refine=kfac_refine,
         )  # fmt: skip
-        self.kfac_clip = defaults["kfac_clip"] = knobs["kfac_clip"]
-        self.kfac_damping, self.kfac_cold_max_grad_norm = knobs["kfac_damping"], knobs["kfac_cold_max_grad_norm"]
-        self.kfac_inverse, self.kfac_async, self.kfac_refine = knobs["kfac_inverse"], knobs["kfac_async"], knobs["kfac_refine"]
-        self.kfac_low_rank, self.kfac_low_rank_min_dim = knobs["kfac_low_rank"], knobs["kfac_low_rank_min_dim"]
-        self.solver = KroneckerSolver(self.kfac_refine)
+        self.kfac_clip: float = knobs["kfac_clip"]
+        self.kfac_damping: float = knobs["kfac_damping"]
+        self.kfac_cold_max_grad_norm: float = knobs["kfac_cold_max_grad_norm"]
+        self.kfac_low_rank: int | None = knobs["kfac_low_rank"]
+        self.kfac_async: bool = knobs["kfac_async"]
+        self.kfac_refine: int = knobs["kfac_refine"]
 
-        self.param_groups = parameter_groups(model.parameters() if params is None else params)
-        for group in self.param_groups:
-            for name, default in defaults.items():
-                group.setdefault(name, default)
-        group_of = {id(p): index for index, group in enumerate(self.param_groups) for p in group["params"]}
-        self.blocks = make_blocks(model, modules, set(group_of))
-        for block in self.blocks:
-            if block.bias is not None and group_of.get(id(block.bias), group_of[id(block.weight)]) != group_of[id(block.weight)]:
-                raise ArgumentError(f"`params`: the weight and bias of {block.name} are in different parameter groups")
-        # the trust region (parameter group) each block's ⟨V, ∇⟩ counts in
-        self.block_groups = {block: group_of[id(block.weight)] for block in self.blocks}
+        self.group_defaults = {**defaults, "kfac_clip": self.kfac_clip}  # what a parameter group does not set itself
+        self.param_groups = parameter_groups(model.parameters() if params is None else params, self.group_defaults)
+        # the blocks, and the trust region (parameter group) each block's ⟨V, ∇⟩ counts in
+        self.blocks, self.block_groups = block_groups(model, modules, self.param_groups)
 
         self.counters = KFACCounters()
         self.schedule = CurvatureSchedule(knobs["kfac_update"], knobs["kfac_cold_iter"], self.counters)
-        stats_decay = knobs["kfac_stats_decay"] ** knobs["kfac_stats_interval"]  # per statistics update
-        self.statistics = FactorStatistics(self.blocks, stats_decay, self.counters)
-        self.curvature: dict[KFACBlock, BlockCurvature] = {block: self._curvature_type(block)() for block in self.blocks}
+        decay = knobs["kfac_stats_decay"] ** knobs["kfac_stats_interval"]  # per statistics update
+        self.statistics = FactorStatistics(self.blocks, decay, self.counters)
+        self.curvature_types = state.curvature_types(
+            self.blocks, knobs["kfac_inverse"], self.kfac_low_rank, knobs["kfac_low_rank_min_dim"]
+        )
+        self.curvature: dict[KFACBlock, BlockCurvature] = {b: kind() for b, kind in self.curvature_types.items()}
         self.background = BackgroundDecomposition()
+        self.solver = KroneckerSolver(self.kfac_refine)
         # flat buffers per parameter group, built at first use (and after loading); their batches' stacked solve
         # factors are rebuilt after every curvature update
         self._buffers: list[GroupBuffers] | None = None
@@ -160,16 +127,11 @@ class KFACPreconditioner:
         self.last_nu = [float("nan")] * len(self.param_groups)
         self.last_vfv = [float("nan")] * len(self.param_groups)
 
-    def _curvature_type(self, block: KFACBlock) -> type[BlockCurvature]:
-        dim = block.matrix_shape[1]  # of the input factor A
-        low_rank = self.kfac_low_rank is not None and dim > self.kfac_low_rank_min_dim and dim > self.kfac_low_rank
-        return CURVATURE_TYPES[(self.kfac_inverse, low_rank)]
-
     def _block_damping(self) -> float:
         return self.kfac_damping + self.param_groups[0]["weight_decay"]
 
     # ------------------------------------------------------------------ statistics
-    def collect(self) -> Any:
+    def collect(self) -> contextlib.AbstractContextManager[None]:
         """Context in which forward passes of covered layers are saved for :meth:`update_statistics`."""
         return self.statistics.collect()
 
@@ -252,7 +214,7 @@ class KFACPreconditioner:
         :return: the preconditioned vectors, in the same order
         """
         if len(params) != len(vectors):
-            raise ValueError(f"`params` and `vectors` differ in length ({len(params)} vs {len(vectors)})")
+            raise ArgumentError(f"`params` and `vectors` differ in length ({len(params)} vs {len(vectors)})")
         self.join_decomposition()
         self.follow_parameters()
         if not self.schedule.has_curvature and self.counters.stats_updates > 0:
@@ -293,9 +255,8 @@ class KFACPreconditioner:
             if self.kfac_async and not first:
                 # computed in the background while the caller does other work (e.g. the next rollout); this step
                 # keeps the current curvature, the next one swaps the new one in
-                self.background.submit(
-                    self._curvature_job(snapshot=True), self._block_damping(), self.kfac_low_rank, self.counters.stats_updates
-                )
+                job, stats_updates = self._curvature_job(snapshot=True), self.counters.stats_updates
+                self.background.submit(job, self._block_damping(), self.kfac_low_rank, stats_updates)
             else:
                 self.update_curvature()
 
@@ -304,35 +265,20 @@ class KFACPreconditioner:
         for group, group_grads, indices in zip(groups, grads, present):
             group.stage(group_grads)
             if weight_decay > 0 and indices:
-                views, params = [group.gradient_views[i] for i in indices], [group.params[i] for i in indices]
-                th._foreach_add_(views, params, alpha=weight_decay)
+                params: list[th.Tensor] = [group.params[i] for i in indices]
+                th._foreach_add_([group.gradient_views[i] for i in indices], params, alpha=weight_decay)
         cold = self.schedule.cold
         if cold:
-            norm = th.linalg.vector_norm(th.stack([group.gradient.norm() for group in groups]))
-            clip = min(1.0, self.kfac_cold_max_grad_norm / (float(norm) + 1e-6))
-            for group in groups:
-                th.mul(group.gradient, clip, out=group.direction)
+            cold_directions(groups, self.kfac_cold_max_grad_norm)
         else:
             self._solve(groups)
-        self._trust_region(groups, cold)
+        self.last_vfv, self.last_nu = trust_region(groups, self.param_groups, cold)
         if not all(math.isfinite(x) for x in self.last_vfv + self.last_nu):
             self.counters.skipped_steps += 1
             return None
         if refresh_curvature:
             self.counters.updates += 1
         return Preconditioned(groups, present, list(self.last_nu))
-
-    def _trust_region(self, groups: list[GroupBuffers], cold: bool) -> None:
-        """
-        ν per group from the quadratic model of the KL of the step, ``lr² Vᵀ F V = lr² Vᵀ ∇`` (``V = F⁻¹ ∇`` in blocks;
-        ``F = I`` for the raw gradients outside blocks and for all of a cold step, which has no trust region: ν = 1).
-        """
-        terms = th.stack([th.dot(g.direction, g.direction if cold else g.gradient) for g in groups]).tolist()
-        self.last_vfv, self.last_nu = [], []
-        for param_group, term in zip(self.param_groups, terms):
-            vfv = param_group["lr"] ** 2 * term
-            self.last_vfv.append(vfv)
-            self.last_nu.append(1.0 if cold or not vfv > 0 else min(1.0, math.sqrt(param_group["kfac_clip"] / vfv)))
 
     def step(self, refresh_curvature: bool = True) -> bool:
         """
@@ -348,8 +294,8 @@ class KFACPreconditioner:
     # ------------------------------------------------------------------ state
     def follow_parameters(self) -> None:
         """
-        Convert the factors and curvature of the groups whose parameters changed dtype or device (e.g. ``model.double()``
-        after some steps); the flat buffers are rebuilt at the next use.
+        Convert the factors and curvature of the groups whose parameters changed dtype or device (e.g.
+        ``model.double()`` after some steps); the flat buffers are rebuilt at the next use.
         """
         kinds = current_kinds(self.param_groups)
         known = self._group_kinds + kinds[len(self._group_kinds) :]  # groups added later start with their own
@@ -358,27 +304,18 @@ class KFACPreconditioner:
             return
         kinds = [group_kind(group["params"]) for group in self.param_groups]
         self.join_decomposition()  # its decompositions are converted with the rest
-        factors = self.statistics.factors
-        for block in self.blocks:
-            dtype, device = kind = kinds[self.block_groups[block]]
-            if kind == known[self.block_groups[block]]:
-                continue
-            if block in factors:
-                factors[block] = KroneckerFactors(*(t.to(device=device, dtype=dtype) for t in (factors[block].a, factors[block].g)))
-            self.curvature[block] = self.curvature[block].to(dtype, device)
+        changed = {block: kinds[i] for block, i in self.block_groups.items() if kinds[i] != known[i]}
+        state.convert(changed, self.statistics.factors, self.curvature)
         self._group_kinds = kinds
         self._buffers = None
 
     def state_entries(self) -> Iterator[tuple[KFACBlock, dict[str, th.Tensor]]]:
-        """Per block with state: its factors and decompositions under the keys of the saved format (:data:`STATE_KEYS`)."""
-        for block in self.blocks:
-            factors = self.statistics.factors.get(block)
-            entries = {} if factors is None else {"A": factors.a, "G": factors.g}
-            entries.update(self.curvature[block].entries())
-            if entries:
-                yield block, entries
+        """Per block with state: its factors and decompositions under the keys of the saved format."""
+        return state.entries(self.blocks, self.statistics.factors, self.curvature)
 
-    def load_state_entries(self, entries: dict[KFACBlock, dict[str, th.Tensor]], counters: dict[str, int] | None) -> None:
+    def load_state_entries(
+        self, entries: dict[KFACBlock, dict[str, th.Tensor]], counters: dict[str, int] | None
+    ) -> None:
         """
         Replace all statistics and curvature (a background computation in flight is discarded).
 
@@ -386,8 +323,7 @@ class KFACPreconditioner:
         :param counters: saved :class:`KFACCounters`, if any
         """
         self.background.discard()
-        self.statistics.factors = {b: KroneckerFactors(e["A"], e["G"]) for b, e in entries.items() if "A" in e and "G" in e}
-        self.curvature = {block: self._curvature_type(block).from_entries(entries.get(block, {})) for block in self.blocks}
+        self.statistics.factors, self.curvature = state.from_entries(entries, self.curvature_types)
         if counters is not None:
             self.counters.load(counters)
         self._buffers = None

@@ -1,4 +1,4 @@
-"""Keywords accepted under an old name, with a DeprecationWarning, so that existing code and configurations keep working."""
+"""Keywords accepted under their former name, with a DeprecationWarning: old code and configurations keep working."""
 
 import warnings
 from typing import Any
@@ -6,7 +6,9 @@ from typing import Any
 from sb3_trpo_kfac.common.validation import ArgumentTypeError
 
 
-def renamed_keywords(owner: str, given: dict[str, Any], renames: dict[str, str], current: dict[str, Any]) -> dict[str, Any]:
+def renamed_keywords(
+    owner: str, given: dict[str, Any], renames: dict[str, str], current: dict[str, Any]
+) -> dict[str, Any]:
     """
     The values of keywords given under their old names, by their new names.
 

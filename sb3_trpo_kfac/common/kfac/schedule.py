@@ -6,7 +6,7 @@ from typing import Any
 
 @dataclasses.dataclass
 class KFACCounters:
-    """What happened so far (saved with the optimizer's state as ``kfac_counters``); readable as ``counters["steps"]``."""
+    """What happened so far (saved with the optimizer's state as ``kfac_counters``); read as ``counters["steps"]``."""
 
     steps: int = 0  # calls of step(), except those with refresh_curvature=False (extra_steps)
     extra_steps: int = 0  # calls of step(refresh_curvature=False)

@@ -55,7 +55,11 @@ class KroneckerSolver:
                 if batch.factors is not None:
                     kind = type(curvature[batch.blocks[0]])
                     if refine:
-                        batch.directions.copy_(self.refine(kind, batch.factors, [factors[b] for b in batch.blocks], batch.gradients, damping))
+                        batch.directions.copy_(
+                            self.refine(
+                                kind, batch.factors, [factors[b] for b in batch.blocks], batch.gradients, damping
+                            )
+                        )
                     else:
                         kind.solve_stacked(batch.factors, batch.gradients, out=batch.directions)
                     solved.update(batch.blocks)
@@ -74,7 +78,9 @@ class KroneckerSolver:
         if not curvature.ready:
             return None
         if curvature.stackable and refine and factors is not None:
-            return self.refine(type(curvature), curvature.stack([curvature], damping), [factors], mat.unsqueeze(0), damping)[0]
+            return self.refine(
+                type(curvature), curvature.stack([curvature], damping), [factors], mat.unsqueeze(0), damping
+            )[0]
         return curvature.solve(mat, damping)
 
     def refine(

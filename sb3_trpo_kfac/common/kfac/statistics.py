@@ -9,7 +9,7 @@ Only on request: inside :meth:`FactorStatistics.collect`, forward hooks save eac
 import contextlib
 import dataclasses
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch as th
@@ -105,7 +105,9 @@ class FactorStatistics:
         saved, self._saved = self._saved, {}
         calls = [(block, *call) for block, block_calls in saved.items() for call in block_calls]
         if not calls:
-            warnings.warn("KFAC.update_statistics: no forward of a covered layer was saved; call the model inside collect()")
+            warnings.warn(
+                "KFAC.update_statistics: no forward of a covered layer was saved; call the model inside collect()"
+            )
             return None
         for block, _, x, version, _ in calls:
             if x._version != version:
@@ -145,9 +147,9 @@ class FactorStatistics:
                     sums[block] = [a_sum, g_sum, rows, n_samples]
                 elif acc[3] != n_samples:
                     raise ValueError(
-                        f"KFAC.update_statistics: {block.name} was called on {acc[3]} and on {n_samples} samples in one "
-                        "collect(); its calls count as extra locations of the same samples, so their inputs must agree "
-                        "on the leading (sample) dimension"
+                        f"KFAC.update_statistics: {block.name} was called on {acc[3]} and on {n_samples} samples in "
+                        "one collect(); its calls count as extra locations of the same samples, so their inputs must "
+                        "agree on the leading (sample) dimension"
                     )
                 else:
                     acc[0], acc[1], acc[2] = acc[0] + a_sum, acc[1] + g_sum, acc[2] + rows
@@ -170,7 +172,7 @@ class FactorStatistics:
         self.counters.stats_updates += 1
         return True
 
-    def _fold(self, blocks: list[KFACBlock], a_means: list[th.Tensor], g_means: list[th.Tensor]) -> None:
+    def _fold(self, blocks: list[KFACBlock], a_means: Sequence[th.Tensor], g_means: Sequence[th.Tensor]) -> None:
         """``F ← ρ F + (1 − ρ) F_batch`` for every factor, fused over all of them; the first batch initialises them."""
         running, batch = [], []
         for block, a_mean, g_mean in zip(blocks, a_means, g_means):

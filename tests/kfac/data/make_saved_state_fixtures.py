@@ -62,8 +62,17 @@ def main() -> None:
         th.save(saved, os.path.join(HERE, f"kfac_{kind}_v1.pt"))
 
     warnings.simplefilter("ignore")
-    kwargs = dict(n_steps=8, damping=0.02, stats_decay=0.95, cold_iter=1, kfac_update=2, vf_kfac_clip=0.05, n_critic_updates=2)
-    model = ACKTR("MlpPolicy", make_vec_env("CartPole-v1", n_envs=2, seed=0), policy_kwargs=dict(net_arch=[8]), seed=0, device="cpu", **kwargs)
+    kwargs = dict(
+        n_steps=8, damping=0.02, stats_decay=0.95, cold_iter=1, kfac_update=2, vf_kfac_clip=0.05, n_critic_updates=2
+    )
+    model = ACKTR(
+        "MlpPolicy",
+        make_vec_env("CartPole-v1", n_envs=2, seed=0),
+        policy_kwargs=dict(net_arch=[8]),
+        seed=0,
+        device="cpu",
+        **kwargs,
+    )
     model.learn(64)
     path = os.path.join(HERE, "acktr_v1.zip")
     model.save(path)
