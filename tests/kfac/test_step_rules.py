@@ -77,6 +77,10 @@ def test_the_step_rule_state_is_saved_and_loaded():
     train_steps(model, opt, 3, seed=1)
     train_steps(clone, opt2, 3, seed=1)
     assert all(th.equal(p, q) for p, q in zip(model.parameters(), clone.parameters()))
+    # the loaded optimizer's learning rate (torch's loader made new param groups) still reaches the step rule
+    opt2.param_groups[1]["lr"] = 0.002
+    train_steps(clone, opt2, 1, seed=2)
+    assert [group["lr"] for group in opt2._step_rule.optimizer.param_groups] == [0.01, 0.002]
     # a state saved with the other step rule is refused, naming it
     with pytest.raises(ValueError, match="saved with an optimizer_class step rule"):
         KFAC(mlp()).load_state_dict(saved)

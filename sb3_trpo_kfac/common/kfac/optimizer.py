@@ -128,7 +128,7 @@ class KFAC(th.optim.Optimizer):
         if optimizer_class is None:
             self._step_rule = MomentumRule(self)
         else:
-            self._step_rule = OptimizerRule(optimizer_class, optimizer_kwargs or {}, self.param_groups)
+            self._step_rule = OptimizerRule(optimizer_class, optimizer_kwargs or {}, self)
 
     # ------------------------------------------------------------------ the preconditioner's interface
     @property

@@ -266,6 +266,7 @@ class KFACPreconditioner:
             group.stage(group_grads)
             if weight_decay > 0 and indices:
                 params: list[th.Tensor] = [group.params[i] for i in indices]
+                # torch's private _foreach kernel: one call for all parameters, whatever the layer count
                 th._foreach_add_([group.gradient_views[i] for i in indices], params, alpha=weight_decay)
         cold = self.schedule.cold
         if cold:

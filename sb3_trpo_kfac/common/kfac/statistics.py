@@ -166,7 +166,7 @@ class FactorStatistics:
                 self.counters.skipped_stats += 1
                 warnings.warn("KFAC.update_statistics: non-finite statistics were ignored")
                 return False
-            # batch means (out of place: blocks fed the same input share one moment tensor)
+            # batch means (out of place: blocks fed the same input share one moment tensor), one _foreach call
             means = th._foreach_div(moments, [float(n_samples) for *_, n_samples in sums.values() for _ in range(2)])
             self._fold(list(sums), means[::2], means[1::2])
         self.counters.stats_updates += 1
@@ -182,6 +182,6 @@ class FactorStatistics:
             else:
                 running += [factors.a, factors.g]
                 batch += [a_mean, g_mean]
-        if running:
+        if running:  # torch's private _foreach kernels: two calls whatever the block count
             th._foreach_mul_(running, self.stats_decay)
             th._foreach_add_(running, batch, alpha=1.0 - self.stats_decay)

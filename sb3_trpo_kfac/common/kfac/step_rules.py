@@ -69,17 +69,17 @@ class OptimizerRule:
 
     :param optimizer_class: the optimizer (e.g. ``torch.optim.Adam``)
     :param optimizer_kwargs: its keywords, except the learning rate
-    :param param_groups: KFAC's parameter groups
+    :param owner: the KFAC optimizer, whose parameter groups it mirrors (read at each step: loading replaces them)
     """
 
     def __init__(
         self,
         optimizer_class: type[th.optim.Optimizer],
         optimizer_kwargs: dict[str, Any],
-        param_groups: list[dict[str, Any]],
+        owner: th.optim.Optimizer,
     ) -> None:
-        self.param_groups = param_groups
-        self.optimizer = optimizer_class([self._mirror(group) for group in param_groups], **optimizer_kwargs)
+        self.owner = owner
+        self.optimizer = optimizer_class([self._mirror(group) for group in owner.param_groups], **optimizer_kwargs)
 
     @staticmethod
     def _mirror(group: dict[str, Any]) -> dict[str, Any]:
@@ -89,7 +89,7 @@ class OptimizerRule:
         self.optimizer.add_param_group(self._mirror(group))
 
     def apply(self, result: Preconditioned) -> None:
-        for mirror, group in zip(self.optimizer.param_groups, self.param_groups):
+        for mirror, group in zip(self.optimizer.param_groups, self.owner.param_groups):
             mirror["lr"] = group["lr"]
         for p, state in self.optimizer.state.items():  # follow parameters that changed dtype or device
             for key, value in state.items():
