@@ -28,6 +28,8 @@ INVERSE_MODES = ("eigen", "inverse")
 EIGENVALUE_FLOOR = 1e-6
 
 SelfCurvature = TypeVar("SelfCurvature", bound="BlockCurvature")
+# a field's type in BlockCurvature.KEYS: None for a tensor, tuple for a tuple of tensors, or a dataclass of tensors
+FieldKind = type | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +123,7 @@ class BlockCurvature(ABC):
     # whether same-shape blocks are solved together (stack / solve_stacked)
     stackable: ClassVar[bool] = False
     # per field: its type (None: a tensor) and its keys in the saved format
-    KEYS: ClassVar[dict[str, tuple[type | None, tuple[str, ...]]]] = {}
+    KEYS: ClassVar[dict[str, tuple[FieldKind, tuple[str, ...]]]] = {}
 
     @property
     @abstractmethod
@@ -166,14 +168,7 @@ class BlockCurvature(ABC):
         for name, (kind, keys) in self.KEYS.items():
             value = getattr(self, name)
             if value is not None:
-                parts = (
-                    [value]
-                    if kind is None
-                    else value
-                    if kind is tuple
-                    else [getattr(value, f.name) for f in dataclasses.fields(value)]
-                )
-                out.update(zip(keys, parts))
+                out.update(zip(keys, _parts(kind, value)))
         return out
 
     @classmethod
@@ -189,3 +184,12 @@ class BlockCurvature(ABC):
     def to(self: SelfCurvature, dtype: th.dtype, device: th.device) -> SelfCurvature:
         """The same decompositions in ``dtype`` on ``device``."""
         return self.from_entries({key: value.to(device=device, dtype=dtype) for key, value in self.entries().items()})
+
+
+def _parts(kind: FieldKind, value: Any) -> list[th.Tensor]:
+    """The tensors of a field's value, in the order of its saved-format keys."""
+    if kind is None:
+        return [value]
+    if kind is tuple:
+        return list(value)
+    return [getattr(value, field.name) for field in dataclasses.fields(value)]

@@ -1,11 +1,11 @@
 """Exact damping through eigendecompositions: ``V = Q_G [(Q_Gᵀ M Q_A) / (λ_G λ_Aᵀ + λ)] Q_Aᵀ``."""
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import torch as th
 
-from sb3_trpo_kfac.common.kfac.curvature import BlockCurvature, Eigen
+from sb3_trpo_kfac.common.kfac.curvature import BlockCurvature, Eigen, FieldKind
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,7 +20,10 @@ class EigenCurvature(BlockCurvature):
 
     batched = ("a", "g")
     stackable = True
-    KEYS = {"a": (Eigen, ("dA", "QA")), "g": (Eigen, ("dG", "QG"))}
+    KEYS: ClassVar[dict[str, tuple[FieldKind, tuple[str, ...]]]] = {
+        "a": (Eigen, ("dA", "QA")),
+        "g": (Eigen, ("dG", "QG")),
+    }
 
     @property
     def ready(self) -> bool:

@@ -1,11 +1,11 @@
 """Factored damping (Martens & Grosse 2015): ``V = (G + √λ/π I)⁻¹ M (A + π√λ I)⁻¹``, cheaper than eigh."""
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import torch as th
 
-from sb3_trpo_kfac.common.kfac.curvature import BlockCurvature, damped_inverse, factored_damping
+from sb3_trpo_kfac.common.kfac.curvature import BlockCurvature, FieldKind, damped_inverse, factored_damping
 from sb3_trpo_kfac.common.kfac.statistics import KroneckerFactors
 
 
@@ -25,7 +25,7 @@ class InverseCurvature(BlockCurvature):
 
     reads = ("a", "g")
     stackable = True
-    KEYS = {"a": (None, ("A_inv",)), "g": (None, ("G_inv",))}
+    KEYS: ClassVar[dict[str, tuple[FieldKind, tuple[str, ...]]]] = {"a": (None, ("A_inv",)), "g": (None, ("G_inv",))}
 
     @property
     def ready(self) -> bool:

@@ -5,13 +5,14 @@ mean ``σ`` of its remaining eigenvalues on their complement, so a solve costs `
 """
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import torch as th
 
 from sb3_trpo_kfac.common.kfac.curvature import (
     BlockCurvature,
     Eigen,
+    FieldKind,
     LowRankEigen,
     damped_inverse,
     factored_damping,
@@ -45,7 +46,10 @@ class LowRankEigenCurvature(BlockCurvature):
 
     batched = ("g",)
     reads = ("a",)
-    KEYS = {"a": (LowRankEigen, ("dA", "QA", "sA")), "g": (Eigen, ("dG", "QG"))}
+    KEYS: ClassVar[dict[str, tuple[FieldKind, tuple[str, ...]]]] = {
+        "a": (LowRankEigen, ("dA", "QA", "sA")),
+        "g": (Eigen, ("dG", "QG")),
+    }
 
     @property
     def ready(self) -> bool:
@@ -79,7 +83,11 @@ class LowRankInverseCurvature(BlockCurvature):
     weights: tuple[th.Tensor, th.Tensor] | None = None  # 1 / (λ_A + s) and 1 / (σ + s)
 
     reads = ("a", "g")
-    KEYS = {"a": (LowRankEigen, ("dA", "QA", "sA")), "g": (None, ("G_inv",)), "weights": (tuple, ("wA", "wA_rest"))}
+    KEYS: ClassVar[dict[str, tuple[FieldKind, tuple[str, ...]]]] = {
+        "a": (LowRankEigen, ("dA", "QA", "sA")),
+        "g": (None, ("G_inv",)),
+        "weights": (tuple, ("wA", "wA_rest")),
+    }
 
     @property
     def ready(self) -> bool:
