@@ -5,18 +5,19 @@ Wall time per environment step of ACKTR vs SB3's A2C with the same n_envs / n_st
 - MLP: CartPole-v1, 8 envs x 5 steps, default MlpPolicy;
 - CNN: NatureCNN on 84x84x4 frames (SB3's FakeImageEnv), 16 envs x 5 steps;
 
-and a third, "entries": CartPole-v1 with each algorithm's shipped zoo settings, as
-benchmarks/acktr_sample_efficiency.py runs them (A2C: rl-zoo3's a2c.yml, 8 envs x 5 steps; ACKTR: our acktr.yml,
-8 envs x 10 steps and extra critic steps), timed per environment step over the same number of steps.
+and a third, "entries": CartPole-v1 with each algorithm's shipped zoo entry, read from the files the zoo commands
+read, as benchmarks/acktr_sample_efficiency.py runs them (A2C: rl-zoo3's a2c.yml, 8 envs x 5 steps; ACKTR: our
+acktr.yml, 8 envs x 10 steps and extra critic steps), timed per environment step over the same number of steps.
 
     python benchmarks/acktr_cost.py [--rounds-mlp 100] [--rounds-cnn 30] [--block-mlp 8] [--block-cnn 10]
     python benchmarks/acktr_cost.py --cases entries
+    python benchmarks/acktr_cost.py --dry-run     # the settings of every model it would time, as JSON
 
-After a warm-up, the models are timed in turn, ``--block-*`` updates each, for ``--rounds-*`` rounds: short
-interleaved blocks spread any drift of the machine (frequency, neighbours) over all of them; a block covers whole
-cycles of the amortized settings. Printed: the ratio of total times and the median of the per-round ratios, the
-figure to read on a shared machine (on ours, neighbouring blocks of the same model differed by up to 2x, and a few
-slow blocks move the total). ACKTR runs with each setting in ``ACKTR_KWARGS``:
+After a warm-up, the models are timed in turn (``time_in_turn`` of benchmarks/common.py), ``--block-*`` updates
+each, for ``--rounds-*`` rounds: short interleaved blocks spread any drift of the machine (frequency, neighbours)
+over all of them; a block covers whole cycles of the amortized settings. Printed: the ratio of total times and the
+median of the per-round ratios, the figure to read on a shared machine (on ours, neighbouring blocks of the same
+model differed by up to 2x, and a few slow blocks move the total). ACKTR runs with each setting in ``ACKTR_KWARGS``:
 
 - mlp "fresh": eigendecompositions and statistics at every update (ACKTR's defaults);
 - mlp "fresh async": the same with ``kfac_async=True``: the eigendecompositions run in a background thread
@@ -34,7 +35,8 @@ main thread runs with one torch thread, the decomposition worker beside it.
 """
 
 import argparse
-import time
+import functools
+import json
 from typing import Any
 
 import torch as th
@@ -45,7 +47,8 @@ from stable_baselines3.common.envs import FakeImageEnv
 
 from sb3_trpo_kfac.acktr import ACKTR
 
-from acktr_sample_efficiency import A2C_SETTINGS, ACKTR_SETTINGS  # the sibling script: run as a script, this is its directory
+# benchmarks/common.py (run as a script, a benchmark has its folder on sys.path)
+from common import OURS, RL_ZOO3, ZooEntry, time_in_turn, zoo_entry
 
 ACKTR_KWARGS: dict[str, dict[str, dict[str, Any]]] = {
     "mlp": {
@@ -68,28 +71,25 @@ ACKTR_KWARGS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-def make_env(case: str, seed: int, n_envs: int = 8):
-    if case in ("mlp", "entries"):
-        return make_vec_env("CartPole-v1", n_envs=n_envs, seed=seed)
+def make_env(case: str, seed: int):
+    if case == "mlp":
+        return make_vec_env("CartPole-v1", n_envs=8, seed=seed)
     return make_vec_env(lambda: FakeImageEnv(screen_height=84, screen_width=84, n_channels=4), n_envs=16, seed=seed)
 
 
-def timed_learn(model: BaseAlgorithm, updates: int) -> float:
-    """Seconds to run ``updates`` more rollouts + updates."""
-    start = time.perf_counter()
+def learn_updates(model: BaseAlgorithm, updates: int) -> None:
+    """Run ``updates`` more rollouts + updates."""
     model.learn(updates * model.n_steps * model.n_envs, reset_num_timesteps=False)  # type: ignore[attr-defined]
-    return time.perf_counter() - start
 
 
-def time_in_turn(models: dict[str, BaseAlgorithm], updates: dict[str, int], rounds: int) -> dict[str, list[float]]:
+def time_models(models: dict[str, BaseAlgorithm], updates: dict[str, int], rounds: int) -> dict[str, list[float]]:
     """After a warm-up, the seconds of ``updates[name]`` updates of each model, timed in turn, per round."""
-    for name, model in models.items():  # warm-up (allocations, first decompositions)
-        timed_learn(model, max(2 * updates[name], 11))
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, model in models.items():
-            times[name].append(timed_learn(model, updates[name]))
-    return times
+    runs = {name: functools.partial(learn_updates, model, updates[name]) for name, model in models.items()}
+    # warm-up: allocations, first decompositions, and whole cycles of the amortized settings
+    warm_up = {
+        name: functools.partial(learn_updates, model, max(2 * updates[name], 11)) for name, model in models.items()
+    }
+    return time_in_turn(runs, rounds, warm_up=warm_up)
 
 
 def print_ratio(label: str, a2c_times: list[float], acktr_times: list[float], steps: int, settings: str) -> None:
@@ -103,19 +103,24 @@ def print_ratio(label: str, a2c_times: list[float], acktr_times: list[float], st
     )
 
 
+def entries() -> dict[str, ZooEntry]:
+    """The CartPole-v1 entries of the "entries" case, each as its zoo command runs it."""
+    return {"A2C": zoo_entry("a2c", "CartPole-v1", RL_ZOO3), "ACKTR": zoo_entry("acktr", "CartPole-v1", OURS)}
+
+
 def time_entries(rounds: int, block: int) -> None:
     """The "entries" case: ``block`` ACKTR updates per model and round, A2C running as many environment steps."""
-    a2c_kwargs, acktr_kwargs = dict(A2C_SETTINGS), dict(ACKTR_SETTINGS)
+    classes = {"A2C": A2C, "ACKTR": ACKTR}
     models: dict[str, BaseAlgorithm] = {
-        "A2C": A2C("MlpPolicy", make_env("entries", 0, a2c_kwargs.pop("n_envs")), seed=0, device="cpu", **a2c_kwargs),
-        "ACKTR": ACKTR("MlpPolicy", make_env("entries", 0, acktr_kwargs.pop("n_envs")), seed=0, device="cpu", **acktr_kwargs),
+        name: classes[name](entry.policy, entry.make_env(0), seed=0, device="cpu", **entry.kwargs)
+        for name, entry in entries().items()
     }
     steps_per_update = {name: model.n_steps * model.n_envs for name, model in models.items()}  # type: ignore[attr-defined]
     block_steps = block * steps_per_update["ACKTR"]
     if block_steps % steps_per_update["A2C"]:
         raise ValueError("--block-mlp: A2C cannot run as many steps as that many ACKTR updates")
-    times = time_in_turn(models, {name: block_steps // steps for name, steps in steps_per_update.items()}, rounds)
-    settings = f"A2C settings {A2C_SETTINGS}, ACKTR settings {ACKTR_SETTINGS}"
+    times = time_models(models, {name: block_steps // steps for name, steps in steps_per_update.items()}, rounds)
+    settings = ", ".join(f"{name} entry {entry.settings}" for name, entry in entries().items())
     print_ratio("entries", times["A2C"], times["ACKTR"], rounds * block_steps, settings)
 
 
@@ -129,9 +134,22 @@ def main() -> None:
     parser.add_argument("--block-cnn", type=int, default=10, help="updates per model and round, CNN case")
     parser.add_argument("--cases", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn", "entries"])
     parser.add_argument("--only", nargs="+", default=None, help="ACKTR rows to time (default: all of the case)")
+    parser.add_argument("--dry-run", action="store_true", help="print the settings of every model to time, run nothing")
     args = parser.parse_args()
     th.set_num_threads(1)
 
+    if args.dry_run:
+        for case in args.cases:
+            if case == "entries":
+                for name, entry in entries().items():
+                    print(entry.describe(case=case, model=name))
+                continue
+            rows = {
+                label: kwargs for label, kwargs in ACKTR_KWARGS[case].items() if args.only is None or label in args.only
+            }
+            for label, kwargs in {"A2C": {}, **rows}.items():
+                print(json.dumps(dict(case=case, model=label, kwargs=dict(kwargs, n_steps=5)), sort_keys=True))
+        return
     for case in args.cases:
         if case == "entries":
             time_entries(args.rounds_mlp, args.block_mlp)
@@ -146,7 +164,7 @@ def main() -> None:
             if args.only is None or label in args.only
         }
         models: dict[str, BaseAlgorithm] = {"A2C": a2c, **acktrs}
-        times = time_in_turn(models, {name: block for name in models}, rounds)
+        times = time_models(models, {name: block for name in models}, rounds)
         steps = rounds * block * a2c.n_steps * a2c.n_envs
         for label in acktrs:
             print_ratio(f"{case} {label}", times["A2C"], times[label], steps, f"ACKTR settings {ACKTR_KWARGS[case][label]}")

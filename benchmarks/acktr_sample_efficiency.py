@@ -1,61 +1,39 @@
 """
 Sample efficiency on CartPole-v1: environment steps until the mean return of the last 10 training episodes
-first reaches 475, for ACKTR (the settings below) and SB3's A2C with rl-zoo3's a2c.yml CartPole-v1 settings
-(n_envs 8, ent_coef 0.0, A2C defaults otherwise). One process, one torch thread, CPU.
+first reaches 475, for ACKTR with our shipped entry (zoo_hyperparams/acktr.yml) and SB3's A2C with rl-zoo3's a2c.yml
+entry, both read from the files the zoo commands read (benchmarks/common.py). One process, one torch thread, CPU.
 
     python benchmarks/acktr_sample_efficiency.py                 # both algorithms, seeds 0-4
     python benchmarks/acktr_sample_efficiency.py --algo acktr --seeds 0 1
     python benchmarks/acktr_sample_efficiency.py --algo acktr --acktr-kwargs '{"kfac_async": true}'
+    python benchmarks/acktr_sample_efficiency.py --dry-run       # the settings each algorithm would run, as JSON
 
 The criterion is checked after every rollout on the episodes finished so far (stochastic policy, the returns
-SB3 logs as rollout/ep_rew_mean but over the last 10 episodes); a run that never gets there counts as inf.
+SB3 logs as rollout/ep_rew_mean but over the last 10 episodes); a run that never gets there counts as inf. A run
+stops at its entry's n_timesteps, or at 250k steps if that is more, so that slower settings tried through
+``--acktr-kwargs`` still get a figure.
 """
 
 import argparse
 import json
 import statistics
-import time
 from typing import Any
 
 import numpy as np
 import torch as th
 from stable_baselines3 import A2C
 from stable_baselines3.common.callbacks import BaseCallback
-from stable_baselines3.common.env_util import make_vec_env
 
 from sb3_trpo_kfac.acktr import ACKTR
 
+# benchmarks/common.py (run as a script, a benchmark has its folder on sys.path)
+from common import OURS, RL_ZOO3, ZooEntry, timed, zoo_entry
+
+ENV_ID = "CartPole-v1"
 TARGET = 475.0
 WINDOW = 10
-# rl-zoo3 a2c.yml, CartPole-v1 (n_timesteps 5e5 is its budget)
-A2C_SETTINGS: dict[str, Any] = dict(n_envs=8, ent_coef=0.0)
-A2C_BUDGET = 500_000
-# The ACKTR settings we ship for CartPole-v1 (zoo_hyperparams/acktr.yml; ACKTR defaults otherwise: learning_rate
-# 0.25, vf_coef 0.25, momentum 0.9, kfac_damping 0.01, kfac_stats_decay 0.99). Five K-FAC steps on the value loss per
-# batch (n_critic_updates 5) halved the steps of the entry with one (3 / 7 / 10 steps: 20-40 seeds each); kfac_clip
-# 0.01 instead of the paper's 0.001 and n_steps 10 instead of 20 were chosen on 5 seeds with one critic step, where
-# learning rate, kfac_clip, entropy, kfac_damping, kfac_stats_decay, advantages, learning-rate decay, momentum,
-# n_steps, n_envs, gradient clipping, GAE lambda, gamma and network width were no faster (2-40 seeds each,
-# docs/performance.md). The cadence (statistics and background eigendecompositions every 8 updates, one CG
-# refinement) learns as fast as fresh statistics and decompositions at every update at a fraction of the cost.
-# Median steps to 475 (step counts do not depend on the machine; docs/performance.md):
-#   A2C                              seeds 0-4 56,960, 0-19 79,480, 20-39 81,960, 0-39 80,920
-#   ACKTR (these)                    seeds 0-4 27,360, 0-19 21,880, 20-39 25,680, 0-39 23,200
-#   ACKTR, one critic step           seeds 0-4 68,960, 0-19 41,800, 20-39 48,280, 0-39 42,680
-# Runs are chaotic (a change of rounding moves a seed by 4x and more) and, with one critic step, bimodal: a median over
-# 5 seeds then moved by about half between seed sets, so compare settings on 20 seeds and more.
-ACKTR_SETTINGS: dict[str, Any] = dict(
-    n_envs=8,
-    n_steps=10,
-    ent_coef=0.0,
-    kfac_clip=0.01,
-    n_critic_updates=5,
-    kfac_stats_interval=8,
-    kfac_update=8,
-    kfac_async=True,
-    kfac_refine=1,
-)
-ACKTR_BUDGET = 250_000
+MIN_BUDGET = 250_000
+ALGOS = {"acktr": (ACKTR, OURS), "a2c": (A2C, RL_ZOO3)}  # each algorithm with the entry its zoo command runs
 
 
 class StepsToTarget(BaseCallback):
@@ -74,37 +52,54 @@ class StepsToTarget(BaseCallback):
             self.hit = self.num_timesteps
 
 
-def run(algo: str, seed: int, settings: dict[str, Any], budget: int) -> tuple[float, float]:
-    kwargs = dict(settings)
-    env = make_vec_env("CartPole-v1", n_envs=kwargs.pop("n_envs"), seed=seed)
-    cls = ACKTR if algo == "acktr" else A2C
-    model = cls("MlpPolicy", env, seed=seed, device="cpu", **kwargs)
+def budget(entry: ZooEntry) -> int:
+    """The entry's budget, at least ``MIN_BUDGET`` steps."""
+    return max(entry.n_timesteps, MIN_BUDGET)
+
+
+def run(entry: ZooEntry, seed: int) -> tuple[float, float]:
+    """Steps to the target (inf if never) and wall time of one run of ``entry``."""
+    algo_class = ALGOS[entry.algo][0]
+    model = algo_class(entry.policy, entry.make_env(seed), seed=seed, device="cpu", **entry.kwargs)
     callback = StepsToTarget()
-    start = time.perf_counter()
-    model.learn(budget, callback=callback)
-    return (float("inf") if callback.hit is None else float(callback.hit)), time.perf_counter() - start
+    seconds = timed(lambda: model.learn(budget(entry), callback=callback))
+    return (float("inf") if callback.hit is None else float(callback.hit)), seconds
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--algo", choices=["acktr", "a2c", "both"], default="both")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--acktr-kwargs", type=json.loads, default={}, help="JSON overriding ACKTR_SETTINGS")
+    parser.add_argument(
+        "--acktr-kwargs", type=json.loads, default={}, help="JSON overriding keys of the shipped ACKTR entry"
+    )
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the settings and budget of each algorithm, run nothing"
+    )
     args = parser.parse_args()
     th.set_num_threads(1)
 
+    entries = [
+        zoo_entry(algo, ENV_ID, ALGOS[algo][1], overrides=args.acktr_kwargs if algo == "acktr" else None)
+        for algo in (["acktr", "a2c"] if args.algo == "both" else [args.algo])
+    ]
+    if args.dry_run:
+        for entry in entries:
+            print(entry.describe(budget=budget(entry)))
+        return
     results: dict[str, dict[str, Any]] = {}
-    for algo in ["acktr", "a2c"] if args.algo == "both" else [args.algo]:
-        settings = {**ACKTR_SETTINGS, **args.acktr_kwargs} if algo == "acktr" else A2C_SETTINGS
-        budget = ACKTR_BUDGET if algo == "acktr" else A2C_BUDGET
-        steps = {}
+    for entry in entries:
+        algo, steps = entry.algo, {}
         for seed in args.seeds:
-            steps[seed], seconds = run(algo, seed, settings, budget)
+            steps[seed], seconds = run(entry, seed)
             print(f"{algo} seed {seed}: steps to {TARGET:.0f} = {steps[seed]}  ({seconds:.0f} s)", flush=True)
         median = statistics.median(steps.values())
-        print(f"{algo}: median steps to {TARGET:.0f} over seeds {args.seeds} = {median}  settings={settings}", flush=True)
-        results[algo] = dict(steps=steps, median=median, settings=settings)
+        print(
+            f"{algo}: median steps to {TARGET:.0f} over seeds {args.seeds} = {median}  settings={entry.settings}",
+            flush=True,
+        )
+        results[algo] = dict(steps=steps, median=median, settings=entry.settings, budget=budget(entry))
     if "acktr" in results and "a2c" in results:
         ratio = results["acktr"]["median"] / results["a2c"]["median"]
         print(f"ACKTR / A2C median steps = {ratio:.3f} (target <= 0.5)")

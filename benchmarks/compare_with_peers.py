@@ -8,6 +8,7 @@ deterministic evaluation (rl-zoo3's ``--eval-freq`` / ``evaluations.npz``).
     python benchmarks/compare_with_peers.py --quick                    # smoke check: 5 min on 2 quiet cores
     python benchmarks/compare_with_peers.py --out benchmarks/results/full --seeds 0 1 2 --jobs 2
     python benchmarks/compare_with_peers.py --out benchmarks/results/full --report-only
+    python benchmarks/compare_with_peers.py --quick --dry-run          # print the zoo commands, train nothing
 
 Every algorithm gets the same budget per env (``-n``, the ENVS table below), so "final return" compares equal
 sample counts; each algorithm otherwise runs its own zoo entry unchanged. rl-zoo3 2.9.2 has MuJoCo entries only for
@@ -18,7 +19,8 @@ command, exit code and wall time), ``evaluations.csv`` (every evaluation of ever
 ``summary.md`` (per env: final return -- the mean evaluation return over the last 10% of the budget -- as IQM
 with 95% stratified-bootstrap CIs from rliable, mean +- std, env steps until the evaluation mean first reaches the
 threshold, wall time) and ``learning_curves.png``.
-Finished runs are skipped, so an interrupted benchmark resumes where it stopped.
+Finished runs are skipped, so an interrupted benchmark resumes where it stopped. ``--dry-run`` prints the command of
+every run still to do, one per line, and writes the peer hyperparameter files they read; it trains nothing.
 
 Full mode on a quiet 2-core machine with --jobs 2 and seeds 0 1 2: 5-7 hours (HalfCheetah-v5 is about 60% of it;
 a PPO HalfCheetah run alone takes up to an hour).
@@ -26,8 +28,10 @@ a PPO HalfCheetah run alone takes up to an hour).
 
 import argparse
 import dataclasses
+import importlib.metadata
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -38,6 +42,9 @@ from typing import Any
 
 import numpy as np
 import yaml
+
+# benchmarks/common.py (run as a script, a benchmark has its folder on sys.path)
+from common import RL_ZOO3, hyperparams_file, zoo_entries
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,10 +87,8 @@ def peer_conf_file(algo: Algo, envs: list[str], out: Path) -> Path | None:
     rl-zoo3's own hyperparameter file for a peer, or, when an env has no entry there but another version of it
     does (HalfCheetah-v5 -> HalfCheetah-v4), a copy holding the requested envs with the entry of that version.
     """
-    import rl_zoo3
-
-    shipped = Path(rl_zoo3.__file__).parent / "hyperparams" / f"{algo.zoo_name}.yml"
-    entries = yaml.safe_load(shipped.read_text())
+    shipped = hyperparams_file(algo.zoo_name, RL_ZOO3)
+    entries = zoo_entries(algo.zoo_name, RL_ZOO3)
     if all(env in entries for env in envs):
         return None
     copied: dict[str, Any] = {}
@@ -96,11 +101,12 @@ def peer_conf_file(algo: Algo, envs: list[str], out: Path) -> Path | None:
         if not versions:
             raise SystemExit(f"rl-zoo3 has no {algo.zoo_name} hyperparameters for {env} or another version of it")
         copied[env] = entries[versions[0]]
-        print(f"{algo.label}: {env} runs rl-zoo3's {versions[0]} entry")
+        print(f"{algo.label}: {env} runs rl-zoo3's {versions[0]} entry", file=sys.stderr)
     path = out / "hyperparams" / f"{algo.zoo_name}.yml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(
-        f"# Copied from {shipped} (rl-zoo3 {rl_zoo3.__version__}) for {', '.join(envs)}\n" + yaml.dump(copied)
+        f"# Copied from {shipped} (rl-zoo3 {importlib.metadata.version('rl_zoo3')}) for {', '.join(envs)}\n"
+        + yaml.dump(copied)
     )
     return path
 
@@ -148,7 +154,8 @@ def train_one(command: list[str], folder: Path) -> dict[str, Any]:
     return result
 
 
-def run_all(args: argparse.Namespace, out: Path) -> None:
+def planned_runs(args: argparse.Namespace, out: Path) -> list[tuple[list[str], Path]]:
+    """The zoo command and log folder of every run not finished yet (the peers' hyperparameter files written)."""
     peers = {
         name: peer_conf_file(ALGOS[name], args.envs, out)
         for name in args.algos
@@ -165,6 +172,11 @@ def run_all(args: argparse.Namespace, out: Path) -> None:
                 jobs.append(
                     (train_command(ALGOS[name], env, seed, ENVS[env], args.quick, folder, peers.get(name)), folder)
                 )
+    return jobs
+
+
+def run_all(args: argparse.Namespace, out: Path) -> None:
+    jobs = planned_runs(args, out)
     print(f"{len(jobs)} runs to do, {args.jobs} at a time", flush=True)
     with ThreadPoolExecutor(args.jobs) as pool:
         results = list(pool.map(lambda job: train_one(*job), jobs))
@@ -315,6 +327,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small budgets on CartPole and Pendulum, 2 seeds")
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/{quick,full}")
     parser.add_argument("--report-only", action="store_true", help="only rebuild the tables and plots")
+    parser.add_argument("--dry-run", action="store_true", help="only print the zoo commands of the runs still to do")
     args = parser.parse_args()
     args.envs = args.envs or [env for env, setting in ENVS.items() if setting.quick_budget or not args.quick]
     args.seeds = args.seeds if args.seeds is not None else (QUICK_SEEDS if args.quick else [0, 1, 2])
@@ -324,6 +337,10 @@ def main() -> None:
         )
     out = args.out or Path(__file__).parent / "results" / ("quick" if args.quick else "full")
     out.mkdir(parents=True, exist_ok=True)
+    if args.dry_run:
+        for command, _ in planned_runs(args, out):
+            print(shlex.join(command))
+        return
     start = time.perf_counter()
     if not args.report_only:
         with open(out / "commands.txt", "a") as log:  # every invocation that trained into OUT

@@ -3,13 +3,15 @@ Time TRPO updates: ours against sb3-contrib's, identical settings, data and init
 
 Two cases: an MLP policy on HalfCheetah-v5 (n_steps 2048, needs ``gymnasium[mujoco]``) and a CnnPolicy on
 Atari-sized 84x84x4 frames (SB3's FakeImageEnv, 4 envs x 64 steps). For each, the policy step alone (``n_critic_updates=0``) and
-the whole ``train()`` with the critic are timed; runs of the two implementations alternate and the median is kept.
+the whole ``train()`` with the critic are timed; runs of the two implementations alternate (``time_in_turn`` of
+benchmarks/common.py) and the median is kept. The cases are fixed settings given to both implementations alike (the
+figures compare implementations on the same work), not zoo entries.
 
     python benchmarks/trpo_update_cost.py [--repeats 7] [--threads 1] [--cases mlp cnn] [--fisher-subsample 1.0 0.1]
 """
 
 import argparse
-import time
+import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -20,6 +22,9 @@ from stable_baselines3.common.envs import FakeImageEnv
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 from sb3_trpo_kfac import TRPO
+
+# benchmarks/common.py (run as a script, a benchmark has its folder on sys.path)
+from common import time_in_turn
 
 
 def make_case(name: str) -> tuple[Callable, str, dict]:
@@ -40,13 +45,6 @@ def fill_rollout(model) -> None:
     model.collect_rollouts(model.env, model._init_callback(None), model.rollout_buffer, model.n_steps)
 
 
-def time_train(model, state: dict) -> float:
-    model.policy.load_state_dict(state)  # every update starts from the same parameters
-    start = time.perf_counter()
-    model.train()
-    return time.perf_counter() - start
-
-
 def bench(case: str, n_critic_updates: int, fisher_subsample: float, repeats: int) -> tuple[float, float]:
     make_env, policy, kwargs = make_case(case)
     kwargs = dict(kwargs, n_critic_updates=n_critic_updates, cg_max_steps=15, seed=0)
@@ -59,14 +57,12 @@ def bench(case: str, n_critic_updates: int, fisher_subsample: float, repeats: in
     for key in ("observations", "actions", "rewards", "returns", "episode_starts", "values", "log_probs", "advantages"):
         setattr(theirs.rollout_buffer, key, getattr(ours.rollout_buffer, key).copy())
     state = {k: v.clone() for k, v in ours.policy.state_dict().items()}
-    # Warm up once each, then alternate so drift in machine load hits both alike.
-    time_train(ours, state)
-    time_train(theirs, state)
-    ours_times, theirs_times = [], []
-    for _ in range(repeats):
-        ours_times.append(time_train(ours, state))
-        theirs_times.append(time_train(theirs, state))
-    return float(np.median(ours_times)), float(np.median(theirs_times))
+    # every update starts from the same parameters; a warm-up of each, then the two alternate so that drift in the
+    # machine's load hits both alike
+    models = {"ours": ours, "theirs": theirs}
+    reset = {name: functools.partial(model.policy.load_state_dict, state) for name, model in models.items()}
+    times = time_in_turn({name: model.train for name, model in models.items()}, repeats, before_each=reset)
+    return float(np.median(times["ours"])), float(np.median(times["theirs"]))
 
 
 def main() -> None:

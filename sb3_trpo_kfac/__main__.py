@@ -1,4 +1,4 @@
-"""``python -m sb3_trpo_kfac train|enjoy ...``: rl-zoo3 with TRPO and ACKTR registered (see ``sb3_trpo_kfac.zoo``)."""
+"""``python -m sb3_trpo_kfac COMMAND ...``: rl-zoo3's scripts with TRPO and ACKTR registered (see ``zoo.cli``)."""
 
 from sb3_trpo_kfac.zoo.cli import main
 

@@ -1,71 +1,196 @@
 """
-The side-by-side benchmark (benchmarks/compare_with_peers.py): the zoo commands it builds, the peer hyperparameter
-file it derives for env versions rl-zoo3 lacks, and the steps-to-threshold rule. The training itself is the zoo's.
+The benchmark scripts, run as a user runs them (never imported by a test): the zoo commands the side-by-side benchmark
+(benchmarks/compare_with_peers.py) builds, the peer hyperparameter file it derives for env versions rl-zoo3 lacks,
+the runs it skips and the figures of its report; and that the benchmarks which train zoo entries themselves run the
+shipped entries (their ``--dry-run`` output against the files the zoo commands read). The training itself is the
+zoo's.
 """
 
 import importlib.util
+import json
+import shlex
+import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import pytest
 import yaml
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_with_peers.py"
+from sb3_trpo_kfac.zoo import hyperparams_path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+COMPARE = BENCHMARKS / "compare_with_peers.py"
+ALGOS = ("acktr", "trpo", "sb3-contrib-trpo", "a2c", "ppo")
+OURS = {"acktr", "trpo"}
+ZOO_NAME = {"acktr": "acktr", "trpo": "trpo", "sb3-contrib-trpo": "trpo", "a2c": "a2c", "ppo": "ppo"}
+# rl-zoo3 keeps these keys for itself; the rest of an entry goes to the algorithm's constructor
+ZOO_KEYS = ("n_envs", "n_timesteps", "policy", "normalize")
 
 
-@pytest.fixture(scope="module")
-def compare():
-    spec = importlib.util.spec_from_file_location("compare_with_peers", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+def run_script(script: Path, *args: str) -> str:
+    """Run a benchmark script; its stdout."""
+    command = [sys.executable, str(script), *args]
+    done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
 
 
-def test_peer_conf_file_copies_the_entry_of_another_version(compare, tmp_path):
-    import rl_zoo3
-
-    shipped = yaml.safe_load((Path(rl_zoo3.__file__).parent / "hyperparams" / "ppo.yml").read_text())
-    assert "HalfCheetah-v5" not in shipped  # what the aliasing is for; drop it when rl-zoo3 gains v5 entries
-    path = compare.peer_conf_file(compare.ALGOS["ppo"], ["CartPole-v1", "HalfCheetah-v5"], tmp_path)
-    copied = yaml.safe_load(path.read_text())
-    assert copied == {"CartPole-v1": shipped["CartPole-v1"], "HalfCheetah-v5": shipped["HalfCheetah-v4"]}
-    # every env present: rl-zoo3's own file is used as it is
-    assert compare.peer_conf_file(compare.ALGOS["a2c"], ["CartPole-v1", "Pendulum-v1"], tmp_path) is None
-    with pytest.raises(SystemExit, match="NoSuchEnv-v1"):
-        compare.peer_conf_file(compare.ALGOS["a2c"], ["NoSuchEnv-v1"], tmp_path)
+def commands(out: Path, *args: str) -> list[list[str]]:
+    """The zoo commands ``compare_with_peers.py --dry-run`` lists, parsed."""
+    return [shlex.split(line) for line in run_script(COMPARE, "--dry-run", "--out", str(out), *args).splitlines()]
 
 
-def test_train_commands(compare, tmp_path):
-    setting = compare.ENVS["CartPole-v1"]
-    ours = compare.train_command(compare.ALGOS["trpo"], "CartPole-v1", 3, setting, False, tmp_path, None)
-    assert ours[1:5] == ["-m", "sb3_trpo_kfac", "train", "--algo"] and "--conf-file" not in ours
-    peer = compare.train_command(
-        compare.ALGOS["sb3-contrib-trpo"], "CartPole-v1", 3, setting, True, tmp_path, tmp_path / "c.yml"
-    )
-    assert peer[1:5] == ["-m", "rl_zoo3.train", "--algo", "trpo"]
-    options = dict(zip(peer[5::2], peer[6::2]))
-    assert options["-n"] == str(setting.quick_budget) and options["--eval-freq"] == str(setting.quick_eval_freq)
-    assert options["--seed"] == "3" and options["--conf-file"] == str(tmp_path / "c.yml")
+def parse(command: list[str]) -> tuple[str, dict[str, str]]:
+    """The entry point (``python -m ...``) of a zoo command and its options."""
+    assert command[0] == sys.executable and command[1] == "-m"
+    module, rest = command[2], command[3:]
+    if module == "sb3_trpo_kfac":
+        assert rest[0] == "train"
+        rest = rest[1:]
+    assert len(rest) % 2 == 0 and all(key.startswith("-") for key in rest[::2]), rest
+    return module, dict(zip(rest[::2], rest[1::2], strict=True))
 
 
-def test_steps_to_threshold(compare):
-    steps = np.array([1000, 2000, 3000])
-    assert compare.steps_to_threshold(steps, np.array([10.0, 480.0, 400.0]), 475.0) == 2000
-    assert compare.steps_to_threshold(steps, np.array([10.0, 20.0, 30.0]), 475.0) == float("inf")
+def rl_zoo3_entries(zoo_name: str) -> dict[str, Any]:
+    spec = importlib.util.find_spec("rl_zoo3")  # its folder; importing rl_zoo3 takes seconds
+    assert spec is not None and spec.origin is not None
+    return yaml.safe_load((Path(spec.origin).parent / "hyperparams" / f"{zoo_name}.yml").read_text())
 
 
-def test_final_return_averages_the_last_tenth(compare):
-    steps = np.arange(1, 11) * 10_000  # evaluations at 10k ... 100k
-    returns = np.arange(10, dtype=float)[:, None] * np.ones((1, 3))
-    assert compare.final_return(steps, returns) == pytest.approx(8.5)  # the 90k and 100k evaluations
+def our_entries(algo: str) -> dict[str, Any]:
+    return yaml.safe_load(Path(hyperparams_path(algo)).read_text())
 
 
-def test_only_successful_runs_count_as_finished(compare, tmp_path):
-    assert compare.finished(tmp_path) is None  # never ran (or was interrupted before the end)
-    (tmp_path / "result.json").write_text('{"returncode": 1, "wall_time_s": 3.0}')
-    assert compare.finished(tmp_path) is None  # failed: run again, never reported
-    (tmp_path / "result.json").write_text('{"returncode": 0, "wall_time_s": 3.0}')
-    assert compare.finished(tmp_path)["wall_time_s"] == 3.0
+def test_full_mode_runs_each_zoo_command_at_the_documented_budgets(tmp_path):
+    found = commands(tmp_path, "--envs", "CartPole-v1", "Pendulum-v1", "--seeds", "3")
+    # docs/benchmarks.md: budget, evaluation episodes and frequency per env, the same for every algorithm
+    documented = {"CartPole-v1": ("200000", "5000", "10"), "Pendulum-v1": ("100000", "5000", "10")}
+    runs = set()
+    for command in found:
+        module, options = parse(command)
+        algo = Path(options["-f"]).parts[-3]
+        runs.add((algo, options["--env"]))
+        assert module == ("sb3_trpo_kfac" if algo in OURS else "rl_zoo3.train")
+        assert options["--algo"] == ZOO_NAME[algo]
+        # ours default to the shipped files; rl-zoo3 has every peer's entry for these envs: its own files
+        assert "--conf-file" not in options
+        assert (options["-n"], options["--eval-freq"], options["--eval-episodes"]) == documented[options["--env"]]
+        assert options["--seed"] == "3" and options["--n-eval-envs"] == "1" and options["--num-threads"] == "1"
+        assert Path(options["-f"]) == tmp_path / "runs" / algo / options["--env"] / "seed3"
+    assert runs == {(algo, env) for algo in ALGOS for env in documented} and len(found) == len(runs)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "commands.txt").exists()  # nothing ran
+
+
+def test_quick_mode_runs_two_seeds_on_two_envs_at_smaller_budgets(tmp_path):
+    full = {parse(command)[1]["--env"]: parse(command)[1]["-n"] for command in commands(tmp_path, "--algos", "a2c")}
+    quick = [parse(command)[1] for command in commands(tmp_path, "--quick")]
+    assert {(options["--env"], options["--seed"]) for options in quick} == {
+        (env, seed) for env in ("CartPole-v1", "Pendulum-v1") for seed in ("0", "1")
+    }
+    assert len(quick) == 4 * len(ALGOS)
+    for options in quick:
+        assert int(options["-n"]) < int(full[options["--env"]])
+        assert int(options["-n"]) % int(options["--eval-freq"]) == 0  # the last evaluation at the end of the budget
+
+
+def test_peers_run_the_entry_of_another_version_where_rl_zoo3_lacks_one(tmp_path):
+    envs = ["CartPole-v1", "HalfCheetah-v5"]
+    found = commands(tmp_path, "--envs", *envs, "--algos", "trpo", "sb3-contrib-trpo", "ppo", "--seeds", "0")
+    assert len(found) == 6
+    for command in found:
+        module, options = parse(command)
+        if module == "sb3_trpo_kfac":  # ours have v5 entries in the shipped file
+            assert "--conf-file" not in options
+            continue
+        shipped = rl_zoo3_entries(options["--algo"])
+        assert "HalfCheetah-v5" not in shipped  # what the aliasing is for; drop it when rl-zoo3 gains v5 entries
+        conf = Path(options["--conf-file"])
+        assert conf == tmp_path / "hyperparams" / f"{options['--algo']}.yml"
+        copied = yaml.safe_load(conf.read_text())
+        assert copied == {"CartPole-v1": shipped["CartPole-v1"], "HalfCheetah-v5": shipped["HalfCheetah-v4"]}
+
+
+def test_only_unfinished_runs_are_planned(tmp_path):
+    def result(algo: str, seed: int, returncode: int) -> None:
+        folder = tmp_path / "runs" / algo / "CartPole-v1" / f"seed{seed}"
+        folder.mkdir(parents=True)
+        (folder / "result.json").write_text(json.dumps({"command": [], "returncode": returncode, "wall_time_s": 3.0}))
+
+    result("trpo", 0, 0)  # finished: skipped
+    result("ppo", 0, 1)  # failed: run again
+    (tmp_path / "runs" / "ppo" / "CartPole-v1" / "seed1").mkdir(parents=True)  # interrupted: run again
+    found = commands(tmp_path, "--envs", "CartPole-v1", "--algos", "trpo", "ppo", "--seeds", "0", "1")
+    planned = {(parse(command)[1]["--algo"], parse(command)[1]["--seed"]) for command in found}
+    assert planned == {("trpo", "1"), ("ppo", "0"), ("ppo", "1")} and len(found) == 3
+
+
+def test_report_of_finished_runs(tmp_path):
+    # evaluations every 10k steps up to 100k, 3 episodes each
+    timesteps = np.arange(1, 11) * 10_000
+    spread = np.array([-1.0, 0.0, 1.0])  # the episodes of one evaluation around its mean
+    means = {
+        "trpo": np.array([100, 200, 300, 400, 480, 470, 490, 500, 490, 500]),  # 475 first reached at 50k
+        "a2c": np.full(10, 21.0),  # never reaches 475
+        "ppo": np.full(10, 500.0),  # a failed run: never reported
+    }
+    returns = {algo: mean[:, None] + spread for algo, mean in means.items()}
+    for algo, values in returns.items():
+        folder = tmp_path / "runs" / algo / "CartPole-v1" / "seed0" / "logs"
+        folder.mkdir(parents=True)
+        np.savez(folder / "evaluations.npz", timesteps=timesteps, results=values, ep_lengths=np.ones_like(values))
+        returncode = 1 if algo == "ppo" else 0
+        result = {"command": [], "returncode": returncode, "wall_time_s": 60.0}
+        (folder.parent / "result.json").write_text(json.dumps(result))
+    run_script(COMPARE, "--report-only", "--out", str(tmp_path), "--envs", "CartPole-v1", "--seeds", "0")
+    lines = (tmp_path / "runs.csv").read_text().splitlines()
+    assert lines[0] == "algo,env,seed,final_return,steps_to_threshold,wall_time_s"
+    rows = {line.split(",")[0]: line.split(",") for line in lines[1:]}
+    assert set(rows) == {"trpo", "a2c"}
+    # final return: the mean evaluation return over the last 10% of the run (the 90k and 100k evaluations)
+    assert float(rows["trpo"][3]) == 495.0 and float(rows["a2c"][3]) == 21.0
+    # steps to 475: the first evaluation whose mean reaches it, even if a later one falls back
+    assert float(rows["trpo"][4]) == 50_000 and rows["a2c"][4] == "inf"
+    assert float(rows["trpo"][5]) == float(rows["a2c"][5]) == 60.0
+    assert (tmp_path / "summary.md").exists() and (tmp_path / "learning_curves.png").exists()
+
+
+def dry_run_records(script: str, *args: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in run_script(BENCHMARKS / script, "--dry-run", *args).splitlines()]
+
+
+def assert_runs_entry(record: dict[str, Any], entry: dict[str, Any], shipped_by: str) -> None:
+    """The benchmark runs ``entry`` of ``shipped_by``'s file as rl-zoo3 would: its keywords, env count and policy."""
+    assert record["shipped_by"] == shipped_by and record["settings"] == entry
+    assert record["kwargs"] == {key: value for key, value in entry.items() if key not in ZOO_KEYS}
+    assert (record["n_envs"], record["policy"]) == (entry["n_envs"], entry["policy"])
+    assert record["n_timesteps"] == entry["n_timesteps"] and record["normalize"] is None
+
+
+def test_sample_efficiency_runs_the_shipped_cartpole_entries():
+    records = {r["algo"]: r for r in dry_run_records("acktr_sample_efficiency.py", "--acktr-kwargs", '{"n_steps": 20}')}
+    assert set(records) == {"acktr", "a2c"}
+    override = {**our_entries("acktr")["CartPole-v1"], "n_steps": 20}
+    assert_runs_entry(records["acktr"], override, "sb3_trpo_kfac")
+    assert_runs_entry(records["a2c"], rl_zoo3_entries("a2c")["CartPole-v1"], "rl_zoo3")
+    # a run stops at its entry's budget, or 250k steps if that is more (docs/performance.md counts past 250k as 250k)
+    assert records["acktr"]["budget"] == 250_000 and records["a2c"]["budget"] == 500_000
+
+
+def test_cost_entries_case_runs_the_shipped_cartpole_entries():
+    records = {r["model"]: r for r in dry_run_records("acktr_cost.py", "--cases", "entries")}
+    assert set(records) == {"A2C", "ACKTR"}
+    assert_runs_entry(records["ACKTR"], our_entries("acktr")["CartPole-v1"], "sb3_trpo_kfac")
+    assert_runs_entry(records["A2C"], rl_zoo3_entries("a2c")["CartPole-v1"], "rl_zoo3")
+
+
+def test_trpo_learning_runs_each_implementations_entry():
+    records = dry_run_records("trpo_learning.py", "--envs", "CartPole-v1", "Pendulum-v1")
+    assert {(r["implementation"], r["env_id"]) for r in records} == {
+        (impl, env) for impl in ("ours", "sb3-contrib") for env in ("CartPole-v1", "Pendulum-v1")
+    }
+    for record in records:
+        if record["implementation"] == "ours":
+            assert_runs_entry(record, our_entries("trpo")[record["env_id"]], "sb3_trpo_kfac")
+        else:
+            assert_runs_entry(record, rl_zoo3_entries("trpo")[record["env_id"]], "rl_zoo3")

@@ -9,7 +9,8 @@ the same ``rl_zoo3.utils.ALGOS`` dict and ``rl_zoo3.hyperparams_opt`` sampler/co
     register()
     # ... then call rl_zoo3's train() / enjoy() as usual
 
-or through the command ``python -m sb3_trpo_kfac train|enjoy ...`` (console script ``sb3-trpo-kfac``).
+or through the command ``python -m sb3_trpo_kfac COMMAND ...`` (``train``, ``enjoy``, ``record_video``, ...;
+console script ``sb3-trpo-kfac``).
 """
 
 import functools

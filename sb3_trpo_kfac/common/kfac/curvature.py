@@ -50,16 +50,47 @@ class LowRankEigen:
 
 
 def eigen(mat: th.Tensor) -> Eigen | None:
-    """Eigendecomposition with a float64 retry; None if both fail or are not finite."""
+    """
+    Eigendecomposition with a float64 retry; None if both fail or are not finite.
+
+    The factor is decomposed shifted by ``EIGENVALUE_FLOOR * I`` and the shift subtracted from the eigenvalues (same
+    eigenvectors). A factor with exactly zero rows and columns -- inputs that were never active, such as the one-hot
+    observations of states not visited yet, or dead units -- makes MKL's divide-and-conquer ``eigh`` fail to converge
+    in float32 and float64 alike, however benign the rest of the matrix; the shift removes the exact zeros and is below
+    the level at which eigenvalues are told from zero.
+    """
     for dtype in (mat.dtype, th.float64):
+        shifted = mat.to(dtype, copy=True)
+        shifted.diagonal().add_(EIGENVALUE_FLOOR)
         try:
-            evals, evecs = th.linalg.eigh(mat.to(dtype))
+            evals, evecs = th.linalg.eigh(shifted)
         except RuntimeError:
             continue
         if th.isfinite(evals).all() and th.isfinite(evecs).all():
+            evals = evals - EIGENVALUE_FLOOR
             evals = th.where(evals < EIGENVALUE_FLOOR, th.zeros_like(evals), evals)
             return Eigen(evals.to(mat.dtype), evecs.to(mat.dtype))
     return None
+
+
+def describe_factor(mat: th.Tensor) -> str:
+    """
+    Size and condition of a square factor, for a failure message.
+
+    :param mat: the factor
+    :return: e.g. ``"501x501, condition number 3.2e+07"`` or ``"64x64, 3 non-finite entries"``
+    """
+    size = f"{mat.shape[0]}x{mat.shape[1]}"
+    n_bad = int((~th.isfinite(mat)).sum())
+    if n_bad:
+        return f"{size}, {n_bad} non-finite entries"
+    try:
+        singular = th.linalg.svdvals(mat.detach().to(th.float64))
+    except RuntimeError:
+        return f"{size}, largest entry {float(mat.abs().max()):.3g}"
+    largest, smallest = float(singular[0]), float(singular[-1])
+    condition = largest / smallest if smallest > 0 else math.inf
+    return f"{size}, condition number {condition:.3g}, largest singular value {largest:.3g}"
 
 
 def top_eigen(mat: th.Tensor, rank: int, previous: LowRankEigen | None) -> LowRankEigen | None:

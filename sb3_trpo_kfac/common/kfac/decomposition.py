@@ -15,7 +15,7 @@ from typing import Any
 import torch as th
 
 from sb3_trpo_kfac.common.kfac.blocks import KFACBlock
-from sb3_trpo_kfac.common.kfac.curvature import EIGENVALUE_FLOOR, BlockCurvature, Eigen, eigen
+from sb3_trpo_kfac.common.kfac.curvature import EIGENVALUE_FLOOR, BlockCurvature, Eigen, describe_factor, eigen
 from sb3_trpo_kfac.common.kfac.statistics import KroneckerFactors
 
 
@@ -96,20 +96,33 @@ class CurvatureJob:
                 values = result[0].masked_fill(result[0] < EIGENVALUE_FLOOR, 0.0)
                 pairs: list[Eigen | None] = [Eigen(v, q) for v, q in zip(values.unbind(0), result[1].unbind(0))]
             else:
-                pairs = [self._one_by_one(job, side, mat) for (job, side), mat in zip(group, stack.unbind(0))]
+                pairs = [
+                    eigen_or_previous(job.block.name, mat, getattr(job.before, side), self.failures)
+                    for (job, side), mat in zip(group, stack.unbind(0))
+                ]
             for (job, side), pair in zip(group, pairs):
                 if pair is not None:
                     job.fields[side] = pair
         return {job.block: job.before.updated(**job.fields) for job in self.blocks}, self.failures
 
-    def _one_by_one(self, job: BlockJob, side: str, mat: th.Tensor) -> Eigen | None:
-        result = eigen(mat)
-        if result is None:
-            self.failures.append(
-                f"KFAC: eigendecomposition of a factor of {job.block.name} failed; keeping the previous basis"
-            )
-            return getattr(job.before, side)
-        return result
+
+def eigen_or_previous(name: str, mat: th.Tensor, previous: Eigen | None, failures: list[str]) -> Eigen | None:
+    """
+    One factor's eigendecomposition (:func:`eigen`), or, if it failed, the previous one and a message naming the
+    factor's size and condition.
+
+    :param name: the block's name
+    :param mat: the factor
+    :param previous: its last decomposition, if any
+    :param failures: where the message goes
+    """
+    result = eigen(mat)
+    if result is None:
+        failures.append(
+            f"KFAC: eigendecomposition of a factor of {name} failed ({describe_factor(mat)}); keeping the previous basis"
+        )
+        return previous
+    return result
 
 
 def _limit_worker_threads() -> None:

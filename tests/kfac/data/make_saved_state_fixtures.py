@@ -1,8 +1,8 @@
 """
 Writes the saved states of tests/kfac/test_saved_state.py with the code *before* the K-FAC package existed (run on
-commit 4ece49a, where ``sb3_trpo_kfac/common/kfac.py`` was one module):
+commit f7e81d7, where ``sb3_trpo_kfac/common/kfac.py`` was one module):
 
-    git archive 4ece49a | tar -x -C /tmp/old && PYTHONPATH=/tmp/old python tests/kfac/data/make_saved_state_fixtures.py
+    git archive f7e81d7 | tar -x -C /tmp/old && PYTHONPATH=/tmp/old python tests/kfac/data/make_saved_state_fixtures.py
 
 Each fixture holds a state saved mid-training and the parameters after training on from it, so the tests check that
 today's code loads yesterday's state and continues bit for bit.
