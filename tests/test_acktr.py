@@ -18,6 +18,7 @@ from stable_baselines3.common.envs import (
 )
 
 from sb3_trpo_kfac import ACKTR, KFAC
+from sb3_trpo_kfac.common.kfac import Conv2dBlock
 
 TINY = dict(net_arch=dict(pi=[16], vf=[16]))
 
@@ -42,7 +43,7 @@ def test_action_spaces_run(env_fn):
     assert all(th.isfinite(p).all() for p in model.policy.parameters())
     # every Linear of the policy is a K-FAC block with statistics
     assert len(optimizer.blocks) == 4
-    assert all("QA" in optimizer.state[block.weight] for block in optimizer.blocks)
+    assert all(optimizer.preconditioner.curvature[block].ready for block in optimizer.blocks)
 
 
 @pytest.mark.parametrize("share", [True, False])
@@ -52,9 +53,9 @@ def test_cnn_policy_shared_and_separate_extractors(share):
     model = ACKTR("CnnPolicy", env, n_steps=4, policy_kwargs=policy_kwargs, seed=0, device="cpu", kfac_update=2)
     model.learn(16)
     optimizer = model.policy.optimizer
-    n_convs = sum(block.is_conv for block in optimizer.blocks)
+    n_convs = sum(isinstance(block, Conv2dBlock) for block in optimizer.blocks)
     assert n_convs == (3 if share else 6)
-    assert all("QA" in optimizer.state[block.weight] for block in optimizer.blocks)
+    assert all(optimizer.preconditioner.curvature[block].ready for block in optimizer.blocks)
 
 
 @pytest.mark.parametrize("share", [True, False])
@@ -86,7 +87,7 @@ def test_multi_input_policy():
     optimizer = model.policy.optimizer
     assert len(optimizer.blocks) == 8
     linear = next(block for block in optimizer.blocks if block.name.endswith("img.linear.0"))
-    assert optimizer.state[linear.weight]["QA"].shape == (1025, 16)
+    assert optimizer.preconditioner.curvature[linear].a.vectors.shape == (1025, 16)
     assert np.isfinite(model.logger.name_to_value["train/kfac_nu"])
 
 
@@ -104,8 +105,8 @@ def test_gsde_and_learning_rate_schedule():
 
 
 def _state_tensors(model: ACKTR) -> list[th.Tensor]:
-    optimizer = model.policy.optimizer
-    return [t for p in model.policy.parameters() for t in optimizer.state[p].values()]
+    state = model.policy.optimizer.state_dict()["state"]  # momentum buffers, factors and decompositions
+    return [t for index in sorted(state) for t in state[index].values()]
 
 
 @pytest.mark.parametrize(
@@ -126,8 +127,8 @@ def test_save_load_learn_matches_uninterrupted(tmp_path, kfac_async, extra_kwarg
     assert loaded.policy.optimizer.counters == model.policy.optimizer.counters
     assert all(th.equal(a, b) for a, b in zip(_state_tensors(model), _state_tensors(loaded)))
     assert len(_state_tensors(loaded)) > 0
-    assert loaded.kfac_async == kfac_async and loaded.policy.optimizer.async_decomposition == kfac_async
-    assert loaded.policy.optimizer.refine_iterations == extra_kwargs.get("kfac_refine", 0)
+    assert loaded.kfac_async == kfac_async and loaded.policy.optimizer.preconditioner.kfac_async == kfac_async
+    assert loaded.policy.optimizer.preconditioner.kfac_refine == extra_kwargs.get("kfac_refine", 0)
     for ours, theirs in zip(loaded.policy.optimizer.param_groups, model.policy.optimizer.param_groups, strict=True):
         assert {k: v for k, v in ours.items() if k != "params"} == {k: v for k, v in theirs.items() if k != "params"}
         assert len(ours["params"]) == len(theirs["params"])
@@ -162,7 +163,8 @@ def _record_joint_steps(optimizer: KFAC, monkeypatch: pytest.MonkeyPatch) -> lis
         }
         result = original(*args, **kwargs)
         record["after"] = {p: p.detach().clone() for p in params}
-        record["state"] = {b: {k: v.clone() for k, v in optimizer.state[b.weight].items()} for b in optimizer.blocks}
+        entries = optimizer.preconditioner.state_entries()
+        record["state"] = {b: {k: v.clone() for k, v in state.items()} for b, state in entries}
         records.append(record)
         return result
 
@@ -172,7 +174,7 @@ def _record_joint_steps(optimizer: KFAC, monkeypatch: pytest.MonkeyPatch) -> lis
 
 def _group_layout(optimizer: KFAC, index: int) -> tuple[list, list[th.nn.Parameter]]:
     """The blocks of a parameter group and its parameters outside blocks (raw gradient: identity curvature)."""
-    blocks = [block for block in optimizer.blocks if optimizer._block_group[block] == index]
+    blocks = [block for block in optimizer.blocks if optimizer.preconditioner.block_groups[block] == index]
     covered = {id(p) for block in blocks for p in block.params}
     return blocks, [p for p in optimizer.param_groups[index]["params"] if id(p) not in covered]
 
@@ -196,7 +198,8 @@ def _dense_update_check(optimizer: KFAC, record: dict, index: int, refine_iterat
     :return: ``lr² (νV)ᵀ F̂ (νV)`` measured on the applied update
     """
     group = optimizer.param_groups[index]
-    lr, momentum, kfac_clip, damping = record["lr"][index], group["momentum"], group["kfac_clip"], optimizer.damping
+    lr, momentum, kfac_clip = record["lr"][index], group["momentum"], group["kfac_clip"]
+    damping = optimizer.preconditioner.kfac_damping
     blocks, raw = _group_layout(optimizer, index)
     fishers, directions, grads = [], [], []
     for block in blocks:
@@ -276,9 +279,9 @@ def test_refined_steps_keep_each_trust_region(monkeypatch):
         kfac_refine=2, policy_kwargs=TINY, seed=0, device="cpu",
     )
     optimizer = model.policy.optimizer
-    refined = []
-    original = optimizer._refine
-    monkeypatch.setattr(optimizer, "_refine", lambda *args: refined.append(1) or original(*args))
+    refined, solver = [], optimizer.preconditioner.solver
+    original = solver.refine
+    monkeypatch.setattr(solver, "refine", lambda *args: refined.append(1) or original(*args))
     records = _record_joint_steps(optimizer, monkeypatch)
     model.learn(8 * 5)
     assert refined and optimizer.counters["curvature_updates"] == 1  # updates 2-5 solve the newer factors by CG
@@ -328,12 +331,13 @@ def test_no_grad_rollouts_do_not_touch_statistics():
     model = ACKTR("MlpPolicy", IdentityEnv(3), n_steps=8, policy_kwargs=TINY, seed=0, device="cpu")
     model.learn(8)
     optimizer = model.policy.optimizer
-    snapshot = {block.name: optimizer.state[block.weight]["A"].clone() for block in optimizer.blocks}
+    factors = optimizer.preconditioner.statistics.factors
+    snapshot = {block.name: factors[block].a.clone() for block in optimizer.blocks}
     obs = np.array([model.observation_space.sample() for _ in range(5)])
     model.predict(obs)  # no_grad rollout-style forward
     model.policy.evaluate_actions(th.as_tensor(obs).float(), th.zeros(5))  # with grad, outside collect()
     assert optimizer.counters["stats_updates"] == 1
-    assert all(th.equal(optimizer.state[block.weight]["A"], snapshot[block.name]) for block in optimizer.blocks)
+    assert all(th.equal(factors[block].a, snapshot[block.name]) for block in optimizer.blocks)
     # the rollout's forwards take the hook-free call path: K-FAC's hooks exist only inside collect()
     assert all(not module._forward_hooks for module in model.policy.modules())
 
@@ -354,21 +358,21 @@ def test_non_finite_loss_never_reaches_parameters():
     "kwargs, error, name",
     [
         (dict(use_rms_prop=True), ValueError, "use_rms_prop"),
-        (dict(policy_kwargs=dict(optimizer_class=th.optim.Adam)), ValueError, "optimizer_class"),
+        (dict(policy_kwargs=dict(optimizer_kwargs=dict(eps=1e-4))), ValueError, "optimizer_kwargs"),
         (dict(learning_rate=0.0), ValueError, "learning_rate"),
         (dict(n_steps=0), ValueError, "n_steps"),
         (dict(kfac_clip=0.0), ValueError, "kfac_clip"),
         (dict(vf_kfac_clip=-0.1), ValueError, "vf_kfac_clip"),
         (dict(n_critic_updates=0), ValueError, "n_critic_updates"),
         (dict(vf_kfac_clip="0.1"), TypeError, "vf_kfac_clip"),
-        (dict(damping=-1.0), ValueError, "damping"),
+        (dict(kfac_damping=-1.0), ValueError, "kfac_damping"),
         (dict(momentum=1.0), ValueError, "momentum"),
-        (dict(stats_decay=2.0), ValueError, "stats_decay"),
+        (dict(kfac_stats_decay=2.0), ValueError, "kfac_stats_decay"),
         (dict(kfac_update=0), ValueError, "kfac_update"),
         (dict(kfac_stats_interval=2.5), TypeError, "kfac_stats_interval"),
         (dict(kfac_inverse="qr"), ValueError, "kfac_inverse"),
         (dict(vf_fisher_coef=-1.0), ValueError, "vf_fisher_coef"),
-        (dict(cold_iter=-2), ValueError, "cold_iter"),
+        (dict(kfac_cold_iter=-2), ValueError, "kfac_cold_iter"),
         (dict(kfac_async=1), TypeError, "kfac_async"),
         (dict(kfac_refine=-1), ValueError, "kfac_refine"),
         (dict(gamma=1.5), ValueError, "gamma"),

@@ -45,7 +45,7 @@ def test_trpo_critic_fits_an_overridden_predict_values() -> None:
     data = next(model.rollout_buffer.get(batch_size=None))
     returns = data.returns + 5.0
     before = _value_loss(model, data.observations, returns)
-    model._critic_fit(data.observations, returns)
+    model._fit_critic(data.observations, returns)
     assert model.policy.value_offset.item() > 0.0
     assert _value_loss(model, data.observations, returns) < before
 

@@ -59,7 +59,7 @@ def test_kfac_preconditioned_cg_needs_fewer_iterations_on_a_policy_fisher() -> N
     log_prob = distribution.log_prob(data.actions)
     gradient = flat_concat(th.autograd.grad((data.advantages * log_prob).mean(), actor, retain_graph=True))
     assert kfac.update_statistics(-log_prob.sum())
-    kfac.update_preconditioner()
+    kfac.update_curvature()
     fisher = GaussNewtonFisher(distribution, actor, damping=model.cg_damping)
 
     def preconditioner(vector: th.Tensor) -> th.Tensor:

@@ -14,7 +14,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from sb3_trpo_kfac.common.gradient_clipping import clip_grad_norm_
-from sb3_trpo_kfac.common.kfac import INVERSE_MODES, KFAC
+from sb3_trpo_kfac.common.kfac import KFAC
+from sb3_trpo_kfac.common.kfac.options import check_kfac_arguments, check_momentum
+from sb3_trpo_kfac.common.kfac.renamed import renamed_keywords
 from sb3_trpo_kfac.common.policy_parameters import (
     frozen_features_value_fn,
     split_actor_critic_parameters,
@@ -25,7 +27,6 @@ from sb3_trpo_kfac.common.validation import (
     SUPPORTED_ACTION_SPACES,
     ArgumentError,
     check_bool,
-    check_choice,
     check_float,
     check_int,
     check_on_policy_arguments,
@@ -34,6 +35,10 @@ from sb3_trpo_kfac.common.validation import (
 
 SelfACKTR = TypeVar("SelfACKTR", bound="ACKTR")
 
+# keywords renamed so that each K-FAC knob has the one name it has in KFAC (old name -> new name); old saved models
+# carry the old attribute names, which _setup_model carries over
+RENAMED = {"damping": "kfac_damping", "stats_decay": "kfac_stats_decay", "cold_iter": "kfac_cold_iter"}
+
 
 class ACKTR(OnPolicyAlgorithm):
     """
@@ -41,9 +46,11 @@ class ACKTR(OnPolicyAlgorithm):
     (:class:`sb3_trpo_kfac.common.kfac.KFAC`) with a trust-region bound on the step.
 
     Paper: https://arxiv.org/abs/1708.05144 (Wu et al. 2017). Defaults follow OpenAI baselines / Stable-Baselines 2
-    (learning rate 0.25, ``kfac_clip`` 0.001, momentum 0.9, damping 0.01, ``stats_decay`` 0.99,
-    ``vf_fisher_coef`` 1.0, ``n_steps`` 20, ``ent_coef`` 0.01, ``vf_coef`` 0.25) except where noted (``cold_iter``:
-    0 here, 10 in baselines' Atari ACKTR; see below).
+    (learning rate 0.25, ``kfac_clip`` 0.001, momentum 0.9, ``kfac_damping`` 0.01, ``kfac_stats_decay`` 0.99,
+    ``vf_fisher_coef`` 1.0, ``n_steps`` 20, ``ent_coef`` 0.01, ``vf_coef`` 0.25) except where noted
+    (``kfac_cold_iter``: 0 here, 10 in baselines' Atari ACKTR; see below). The K-FAC knobs have the names and the
+    checks they have in ``KFAC``; ``damping``, ``stats_decay`` and ``cold_iter`` are their former names, still
+    accepted (with a DeprecationWarning) and read from models saved with them.
 
     The K-FAC statistics come from a sampled "Fisher loss" on the same forward pass:
     ``−Σ log π(a|s) − vf_fisher_coef · Σ (V(s) − sg(V(s) + ε))²``, ε ~ N(0, 1), where ``a`` are the rollout actions
@@ -51,16 +58,22 @@ class ACKTR(OnPolicyAlgorithm):
     its gradient with respect to V is ``2 · vf_fisher_coef · ε``, so the value output's Fisher is
     ``4 · vf_fisher_coef²`` (4 at the default), not the unit variance of a unit-variance Gaussian likelihood. The
     K-FAC optimizer replaces ``policy.optimizer``, so ``save()`` / ``load()`` carry its statistics, eigenbases,
-    counters and momentum.
+    counters and the state of its step rule.
+
+    K-FAC preconditions; a first-order rule steps. By default it is the paper's momentum SGD
+    (``buf ← momentum · buf + ν V``, ``θ ← θ − η (1 − momentum) buf``); as with A2C, ``policy_kwargs`` may name
+    another (``optimizer_class``, with ``optimizer_kwargs``, e.g. ``dict(optimizer_class=th.optim.Adam)``), which
+    then steps on the natural gradient scaled into the trust region (``.grad ← ν V``) at the learning rate η
+    (``momentum`` is then unused, as A2C's ``rms_prop_eps`` is with an ``optimizer_class``).
 
     Logged per update: ``train/kfac_nu`` (ν) and ``train/kfac_quadratic_kl``, ``η² ν² Vᵀ F V`` of the preconditioned
     direction ``ν V`` before momentum (at most ``kfac_clip`` after the cold start); the applied step
     ``η (1 − momentum) buf`` also carries the earlier directions in the momentum buffer, which this value does not
     bound.
 
-    An A2C user can swap the class name: every A2C keyword is accepted with A2C's meaning, except the
-    optimizer choice (K-FAC replaces RMSprop / Adam): ``use_rms_prop=True`` and an ``optimizer_class`` in
-    ``policy_kwargs`` raise a ``ValueError``; ``rms_prop_eps`` is accepted and ignored.
+    An A2C user can swap the class name: every A2C keyword is accepted with A2C's meaning, except the default
+    optimizer choice: ``use_rms_prop=True`` raises a ``ValueError`` (name RMSprop in ``policy_kwargs`` instead) and
+    ``rms_prop_eps`` is accepted and ignored.
 
     :param policy: The policy model to use (MlpPolicy, CnnPolicy, ...)
     :param env: The environment to learn from (if registered in Gym, can be str)
@@ -76,7 +89,7 @@ class ACKTR(OnPolicyAlgorithm):
     :param max_grad_norm: The maximum value for the gradient clipping (of the raw gradient, before K-FAC;
         also the clip of the cold-start steps)
     :param rms_prop_eps: Accepted for A2C compatibility and ignored (K-FAC replaces RMSprop)
-    :param use_rms_prop: Must be False: K-FAC replaces the optimizer (True raises a ValueError)
+    :param use_rms_prop: Must be False: the default step rule is momentum SGD (True raises a ValueError)
     :param use_sde: Whether to use generalized State Dependent Exploration (gSDE)
         instead of action noise exploration (default: False)
     :param sde_sample_freq: Sample a new noise matrix every n steps when using gSDE
@@ -90,45 +103,42 @@ class ACKTR(OnPolicyAlgorithm):
         own trust region of this radius, and ``kfac_clip`` bounds the rest (actor and shared layers): a large
         value-loss step then no longer shrinks the policy's step. ``None`` (default): one trust region over all
         parameters, as in the ACKTR paper. OpenAI baselines' continuous-control ACKTR also trains its value
-        function with a K-FAC optimizer of its own. Measured on HalfCheetah-v5 (``zoo_hyperparams/acktr.yml``):
-        with one trust region the critic held 87-99% of ``Vᵀ∇`` over the first updates and the policy barely moved.
+        function with a K-FAC optimizer of its own. On HalfCheetah-v5 (``zoo_hyperparams/acktr.yml``) the critic
+        held most of ``Vᵀ∇`` in a joint trust region over the first updates and the policy barely moved.
     :param n_critic_updates: K-FAC steps on the value loss per rollout: ACKTR's joint step, then
         ``n_critic_updates - 1`` steps of the critic-only parameters on the same batch and K-FAC statistics, each
         clipped by ``max_grad_norm`` and inside the trust region of its group. 1 (default): the paper's single joint
         step. OpenAI baselines' continuous-control ACKTR fits its value function with 25 K-FAC steps per batch; our
         CartPole-v1 zoo entry uses 5 (it halved the steps to return 475; ``zoo_hyperparams/acktr.yml``).
-    :param damping: Tikhonov damping added to the Kronecker-factored Fisher
-    :param momentum: Momentum of the K-FAC update (the step is η (1 − momentum) times the momentum buffer)
-    :param stats_decay: Running-average factor of the Kronecker factors
+    :param kfac_damping: Tikhonov damping added to the Kronecker-factored Fisher
+    :param momentum: Momentum of the default step rule (the step is η (1 − momentum) times the momentum buffer)
+    :param kfac_stats_decay: Running-average factor of the Kronecker factors, per update
     :param kfac_update: Recompute the eigendecompositions (or inverses) of the factors every this many updates
         (at the first update with new statistics once this many have passed, so with ``kfac_stats_interval``
         they follow the statistics)
     :param kfac_stats_interval: Update the K-FAC statistics every this many updates (1: every update; larger
         values save the extra backward pass and factor products). The running averages then decay by
-        ``stats_decay ** kfac_stats_interval`` per statistics update, so their memory in updates is unchanged.
+        ``kfac_stats_decay ** kfac_stats_interval`` per statistics update, so their memory in updates is unchanged.
     :param kfac_inverse: ``"eigen"`` (exact damping via eigendecompositions) or ``"inverse"`` (factored
         damping with plain inverses, cheaper for large layers)
     :param kfac_low_rank: If set, input factors larger than 1024 keep only this many eigenpairs (plus the mean
-        of the others): much cheaper solves for large layers such as NatureCNN's 3136 -> 512 (see ``KFAC``)
+        of the others): cheaper solves for large layers such as NatureCNN's 3136 -> 512 (see ``KFAC``)
     :param kfac_async: Compute the eigendecompositions (or inverses) in a background thread, overlapped with
         the next rollout: each update then uses the basis of the previous update's statistics (the first one is
-        computed synchronously). Deterministic; needs a free second CPU core to pay off (see ``KFAC``'s
-        ``async_decomposition``). CartPole MLP, 8 envs x 5 steps, decompositions every update, quiet 2-core
-        machine: 1.33-1.48x A2C's time per step instead of 1.55-1.67x. Off by default (it starts a thread); the
-        shipped CartPole-v1 entry uses it with ``kfac_refine=1``, which makes the update that waits for the new
-        basis solve its own statistics anyway.
+        computed synchronously). Deterministic; it needs a free second CPU core to pay off. Off by default (it
+        starts a thread); the shipped CartPole-v1 entry uses it with ``kfac_refine=1``, which makes the update that
+        waits for the new basis solve its own statistics anyway.
     :param kfac_refine: Conjugate-gradient iterations on the current K-FAC factors, preconditioned by the last
-        decomposition, in the updates whose statistics are newer than it (``KFAC``'s ``refine_iterations``): with
-        ``kfac_update > 1`` or ``kfac_async`` the step then follows the current statistics although the
-        decompositions lag behind. 0 (default): no refinement.
+        decomposition, in the updates whose statistics are newer than it: with ``kfac_update > 1`` or ``kfac_async``
+        the step then follows the current statistics although the decompositions lag behind. 0 (default): none.
     :param vf_fisher_coef: Weight c of the value term ``c · Σ (V − sg(V + ε))²`` of the Fisher loss; the value
         output's Fisher is then ``4 c²`` (baselines' convention), not 1
-    :param cold_iter: Number of initial updates done with plain momentum SGD (gradient clipped to
-        ``max_grad_norm``) while the statistics warm up. Their step is ``η (1 − momentum) · clip(g)`` from rest (the
-        form of the K-FAC step, see ``KFAC``); OpenAI baselines' Atari ACKTR uses ``cold_iter=10`` and runs these
-        updates with momentum at the learning rate itself, without the ``(1 − momentum)`` factor, i.e. about 10x
-        larger at momentum 0.9. Our default 0 uses K-FAC from the first update (its factors come from that update's
-        own batch).
+    :param kfac_cold_iter: Number of initial updates done without preconditioning (gradient clipped to
+        ``max_grad_norm``, no trust region) while the statistics warm up. With the default step rule their step is
+        ``η (1 − momentum) · clip(g)`` from rest (see ``KFAC``); OpenAI baselines' Atari ACKTR uses ``cold_iter=10``
+        and runs these updates with momentum at the learning rate itself, without the ``(1 − momentum)`` factor, i.e.
+        about 10x larger at momentum 0.9. Our default 0 uses K-FAC from the first update (its factors come from that
+        update's own batch).
     :param stats_window_size: Window size for the rollout logging, specifying the number of episodes to average
         the reported success rate, mean episode length, and mean reward over
     :param tensorboard_log: the log location for tensorboard (if None, no logging)
@@ -139,6 +149,8 @@ class ACKTR(OnPolicyAlgorithm):
     :param device: Device (cpu, cuda, ...) on which the code should be run.
         Setting it to auto, the code will be run on the GPU if possible.
     :param _init_setup_model: Whether or not to build the network at the creation of the instance
+    :param renamed: ``damping``, ``stats_decay``, ``cold_iter``: former names of ``kfac_damping``,
+        ``kfac_stats_decay``, ``kfac_cold_iter`` (DeprecationWarning)
     """
 
     policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {
@@ -169,9 +181,9 @@ class ACKTR(OnPolicyAlgorithm):
         kfac_clip: float = 0.001,
         vf_kfac_clip: float | None = None,
         n_critic_updates: int = 1,
-        damping: float = 0.01,
+        kfac_damping: float = 0.01,
         momentum: float = 0.9,
-        stats_decay: float = 0.99,
+        kfac_stats_decay: float = 0.99,
         kfac_update: int = 1,
         kfac_stats_interval: int = 1,
         kfac_inverse: str = "eigen",
@@ -179,7 +191,7 @@ class ACKTR(OnPolicyAlgorithm):
         kfac_async: bool = False,
         kfac_refine: int = 0,
         vf_fisher_coef: float = 1.0,
-        cold_iter: int = 0,
+        kfac_cold_iter: int = 0,
         stats_window_size: int = 100,
         tensorboard_log: str | None = None,
         policy_kwargs: dict[str, Any] | None = None,
@@ -187,7 +199,11 @@ class ACKTR(OnPolicyAlgorithm):
         seed: int | None = None,
         device: th.device | str = "auto",
         _init_setup_model: bool = True,
+        **renamed: Any,
     ):
+        given = dict(kfac_damping=kfac_damping, kfac_stats_decay=kfac_stats_decay, kfac_cold_iter=kfac_cold_iter)
+        defaults = {"kfac_damping": 0.01, "kfac_stats_decay": 0.99, "kfac_cold_iter": 0}
+        given.update(renamed_keywords("ACKTR", renamed, RENAMED, {k: (v, defaults[k]) for k, v in given.items()}))
         # Fail before building anything.
         on_policy_kwargs = check_on_policy_arguments(
             self.policy_aliases,
@@ -209,10 +225,15 @@ class ACKTR(OnPolicyAlgorithm):
             device=device,
         )
         if check_bool("use_rms_prop", use_rms_prop):
-            raise ArgumentError("`use_rms_prop=True` is not supported: ACKTR's optimizer is K-FAC (leave it False)")
-        for key in ("optimizer_class", "optimizer_kwargs"):
-            if policy_kwargs is not None and key in policy_kwargs:
-                raise ArgumentError(f"`policy_kwargs['{key}']` is not supported: ACKTR's optimizer is K-FAC")
+            raise ArgumentError(
+                "`use_rms_prop=True` is not supported: ACKTR's default step rule is momentum SGD (leave it False, or "
+                "pass policy_kwargs=dict(optimizer_class=th.optim.RMSprop))"
+            )
+        if policy_kwargs is not None and "optimizer_kwargs" in policy_kwargs and "optimizer_class" not in policy_kwargs:
+            raise ArgumentError(
+                "`policy_kwargs['optimizer_kwargs']` needs `policy_kwargs['optimizer_class']`: the default step rule "
+                "is K-FAC's momentum SGD, set by `momentum`"
+            )
         check_float("rms_prop_eps", rms_prop_eps, 0.0)  # accepted for A2C compatibility, unused
         normalize_advantage = check_bool("normalize_advantage", normalize_advantage)
         check_rollout_size(on_policy_kwargs["n_steps"], env, normalize_advantage)
@@ -221,23 +242,28 @@ class ACKTR(OnPolicyAlgorithm):
         vf_coef = check_float("vf_coef", vf_coef, 0.0)
         # inf: no clipping, as in A2C
         max_grad_norm = check_float("max_grad_norm", max_grad_norm, 0.0, low_inclusive=False, allow_inf=True)
-        self.kfac_clip = check_float("kfac_clip", kfac_clip, 0.0, low_inclusive=False)
         self.vf_kfac_clip = (
             None if vf_kfac_clip is None else check_float("vf_kfac_clip", vf_kfac_clip, 0.0, low_inclusive=False)
         )
         self.n_critic_updates = check_int("n_critic_updates", n_critic_updates, 1)
-        self.damping = check_float("damping", damping, 0.0, low_inclusive=False)
-        # the step is learning_rate * (1 - momentum); statistics with stats_decay 1 would never change
-        self.momentum = check_float("momentum", momentum, 0.0, 1.0, high_inclusive=False)
-        self.stats_decay = check_float("stats_decay", stats_decay, 0.0, 1.0, high_inclusive=False)
-        self.kfac_update = check_int("kfac_update", kfac_update, 1)
-        self.kfac_stats_interval = check_int("kfac_stats_interval", kfac_stats_interval, 1)
-        self.kfac_inverse = check_choice("kfac_inverse", kfac_inverse, INVERSE_MODES)
-        self.kfac_low_rank = None if kfac_low_rank is None else check_int("kfac_low_rank", kfac_low_rank, 1)
-        self.kfac_async = check_bool("kfac_async", kfac_async)
-        self.kfac_refine = check_int("kfac_refine", kfac_refine, 0)
         self.vf_fisher_coef = check_float("vf_fisher_coef", vf_fisher_coef, 0.0)
-        self.cold_iter = check_int("cold_iter", cold_iter, 0)
+        # the K-FAC knobs: KFAC's own checks (options.py), run here too so that a bad value fails this early
+        self.momentum = check_momentum(momentum)
+        knobs = check_kfac_arguments(
+            kfac_clip=kfac_clip, kfac_update=kfac_update, kfac_stats_interval=kfac_stats_interval,
+            kfac_inverse=kfac_inverse, kfac_low_rank=kfac_low_rank, kfac_async=kfac_async, kfac_refine=kfac_refine,
+            **given,
+        )  # fmt: skip
+        self.kfac_clip: float = knobs["kfac_clip"]
+        self.kfac_damping: float = knobs["kfac_damping"]
+        self.kfac_stats_decay: float = knobs["kfac_stats_decay"]
+        self.kfac_update: int = knobs["kfac_update"]
+        self.kfac_stats_interval: int = knobs["kfac_stats_interval"]
+        self.kfac_cold_iter: int = knobs["kfac_cold_iter"]
+        self.kfac_inverse: str = knobs["kfac_inverse"]
+        self.kfac_low_rank: int | None = knobs["kfac_low_rank"]
+        self.kfac_async: bool = knobs["kfac_async"]
+        self.kfac_refine: int = knobs["kfac_refine"]
 
         super().__init__(
             ent_coef=ent_coef,
@@ -254,6 +280,9 @@ class ACKTR(OnPolicyAlgorithm):
             self._setup_model()
 
     def _setup_model(self) -> None:
+        for old, new in RENAMED.items():  # a model saved before the renaming
+            if old in self.__dict__:
+                setattr(self, new, self.__dict__.pop(old))
         super()._setup_model()
         params = None
         # parameters only the value depends on: own trust region (vf_kfac_clip) and extra steps (n_critic_updates)
@@ -269,23 +298,27 @@ class ACKTR(OnPolicyAlgorithm):
             critic_ids = {id(p) for p in self._critic_params}
             actor = [p for p in self.policy.parameters() if p.requires_grad and id(p) not in critic_ids]
             params = [{"params": actor}, {"params": self._critic_params, "kfac_clip": self.vf_kfac_clip}]
+        # the step rule: the paper's momentum SGD, or the optimizer policy_kwargs name (as the policy resolved it)
+        step_rule: dict[str, Any] = dict(momentum=self.momentum)
+        if "optimizer_class" in self.policy_kwargs:
+            step_rule = dict(optimizer_class=self.policy.optimizer_class, optimizer_kwargs=self.policy.optimizer_kwargs)
         # K-FAC replaces the policy's optimizer, so SB3's save/load ("policy.optimizer") carries its state.
         self.policy.optimizer = KFAC(
             self.policy,
             params=params,
             lr=self.lr_schedule(1),
-            momentum=self.momentum,
-            # the running averages keep the same memory, in updates, whatever the statistics interval
-            stats_decay=self.stats_decay**self.kfac_stats_interval,
-            damping=self.damping,
             kfac_clip=self.kfac_clip,
+            kfac_damping=self.kfac_damping,
+            kfac_stats_decay=self.kfac_stats_decay,
+            kfac_stats_interval=self.kfac_stats_interval,
             kfac_update=self.kfac_update,
-            cold_iter=self.cold_iter,
-            cold_max_grad_norm=self.max_grad_norm,
-            inverse=self.kfac_inverse,
-            low_rank=self.kfac_low_rank,
-            async_decomposition=self.kfac_async,
-            refine_iterations=self.kfac_refine,
+            kfac_cold_iter=self.kfac_cold_iter,
+            kfac_cold_max_grad_norm=self.max_grad_norm,
+            kfac_inverse=self.kfac_inverse,
+            kfac_low_rank=self.kfac_low_rank,
+            kfac_async=self.kfac_async,
+            kfac_refine=self.kfac_refine,
+            **step_rule,
         )
 
     def train(self) -> None:

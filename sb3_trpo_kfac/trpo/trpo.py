@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from sb3_trpo_kfac.common.conjugate_gradient import conjugate_gradient
-from sb3_trpo_kfac.common.kfac import KFAC
+from sb3_trpo_kfac.common.kfac import KFACPreconditioner
 from sb3_trpo_kfac.common.fisher import (
     detached_distribution,
     flat_concat,
@@ -235,7 +235,7 @@ class TRPO(OnPolicyAlgorithm):
         # Found from the autograd graph on the first update (the policy's structure does not change afterwards).
         self._actor_params: list[nn.Parameter] | None = None
         self._critic_params: list[nn.Parameter] | None = None
-        self._kfac: KFAC | None = None
+        self._kfac: KFACPreconditioner | None = None
 
     def _excluded_save_params(self) -> list[str]:
         # Parameter lists point into the live policy; they are rebuilt after loading.
@@ -248,15 +248,15 @@ class TRPO(OnPolicyAlgorithm):
             )
         return self._actor_params, self._critic_params
 
-    def _kfac_preconditioner(self, actor_params: list[nn.Parameter]) -> KFAC:
+    def _kfac_preconditioner(self, actor_params: list[nn.Parameter]) -> KFACPreconditioner:
         """K-FAC over the actor's layers, holding only the statistics of the current batch."""
         if self._kfac is None:
             actor_ids = {id(p) for p in actor_params}
             layers = [
                 m for m in self.policy.modules() if isinstance(m, nn.Linear | nn.Conv2d) and id(m.weight) in actor_ids
             ]
-            self._kfac = KFAC(
-                self.policy, stats_decay=0.0, damping=max(self.cg_damping, 1e-8), modules=layers, params=actor_params
+            self._kfac = KFACPreconditioner(
+                self.policy, actor_params, kfac_stats_decay=0.0, kfac_damping=max(self.cg_damping, 1e-8), modules=layers
             )
         return self._kfac
 
@@ -305,7 +305,7 @@ class TRPO(OnPolicyAlgorithm):
         preconditioner = None
         # The rollout actions are samples of the current policy: their negative log-likelihood is a Fisher loss.
         if kfac is not None and kfac.update_statistics(-log_prob.sum()):
-            kfac.update_preconditioner()
+            kfac.update_curvature()
 
             def preconditioner(vector: th.Tensor) -> th.Tensor:
                 return flat_concat(kfac.precondition(actor_params, split_like(vector, actor_params)))
@@ -387,7 +387,7 @@ class TRPO(OnPolicyAlgorithm):
             return None
         return objective, kl
 
-    def _critic_fit(self, observations: PyTorchObs, returns: th.Tensor) -> list[float]:
+    def _fit_critic(self, observations: PyTorchObs, returns: th.Tensor) -> list[float]:
         """
         ``n_critic_updates`` epochs of minibatch updates of the critic parameters on the value loss. A minibatch
         whose value loss or gradient is not finite (a NaN or inf reward, an inf observation) is skipped before it
@@ -438,7 +438,7 @@ class TRPO(OnPolicyAlgorithm):
             rollout_data.old_log_prob[thin],
             rollout_data.advantages[thin],
         )
-        value_losses = self._critic_fit(rollout_data.observations, rollout_data.returns)
+        value_losses = self._fit_critic(rollout_data.observations, rollout_data.returns)
 
         self._n_updates += 1
         explained_var = explained_variance(self.rollout_buffer.values.flatten(), self.rollout_buffer.returns.flatten())

@@ -180,9 +180,10 @@ def sample_acktr_params(trial: optuna.Trial, n_actions: int, n_envs: int, additi
     Sampler for ``sb3_trpo_kfac.ACKTR`` (rl-zoo3 signature).
 
     Searches the step size and its schedule, the K-FAC trust region (``kfac_clip``, and whether the critic gets its
-    own, ``vf_kfac_clip``), extra critic steps (``n_critic_updates``), damping, statistics decay and refresh period,
-    the inverse mode, the loss weights (``vf_coef``, ``vf_fisher_coef``, ``ent_coef``), the rollout length, the
-    discounts, advantage normalization and the network.
+    own, ``vf_kfac_clip``), extra critic steps (``n_critic_updates``), damping (``kfac_damping``), statistics decay
+    (``kfac_stats_decay``) and refresh period (``kfac_update``), the inverse mode (``kfac_inverse``), the loss weights
+    (``vf_coef``, ``vf_fisher_coef``, ``ent_coef``), the rollout length, the discounts, advantage normalization and the
+    network.
 
     :param trial: the Optuna trial
     :param n_actions: action dimension for continuous actions, 0 otherwise
@@ -203,8 +204,8 @@ def sample_acktr_params(trial: optuna.Trial, n_actions: int, n_envs: int, additi
     trust_region = trial.suggest_categorical("trust_region", ["joint", "separate"])
     vf_kfac_clip = trial.suggest_float("vf_kfac_clip", 1e-4, 1.0, log=True) if trust_region == "separate" else None
     n_critic_updates = trial.suggest_categorical("n_critic_updates", [1, 5, 10, 25])
-    damping = trial.suggest_float("damping", 1e-4, 0.1, log=True)
-    stats_decay = trial.suggest_categorical("stats_decay", [0.9, 0.95, 0.99])
+    kfac_damping = trial.suggest_float("kfac_damping", 1e-4, 0.1, log=True)
+    kfac_stats_decay = trial.suggest_categorical("kfac_stats_decay", [0.9, 0.95, 0.99])
     kfac_update = trial.suggest_categorical("kfac_update", [1, 2, 5, 10])
     # Exact damping through eigendecompositions, or the cheaper factored-damping inverses.
     kfac_inverse = trial.suggest_categorical("kfac_inverse", ["eigen", "inverse"])
@@ -224,8 +225,8 @@ def sample_acktr_params(trial: optuna.Trial, n_actions: int, n_envs: int, additi
         "kfac_clip": kfac_clip,
         "trust_region": trust_region,
         "n_critic_updates": n_critic_updates,
-        "damping": damping,
-        "stats_decay": stats_decay,
+        "kfac_damping": kfac_damping,
+        "kfac_stats_decay": kfac_stats_decay,
         "kfac_update": kfac_update,
         "kfac_inverse": kfac_inverse,
         "vf_coef": vf_coef,

@@ -12,11 +12,12 @@ import pytest
 import torch as th
 import yaml
 from rl_zoo3.utils import SimpleLinearSchedule
-from torch import nn
 from torch.nn import functional as F
 
 from sb3_trpo_kfac.acktr import ACKTR
-from sb3_trpo_kfac.common.kfac import EIGENVALUE_FLOOR, KFAC
+from sb3_trpo_kfac.common.kfac import EIGENVALUE_FLOOR
+from sb3_trpo_kfac.common.kfac.curvature import Eigen
+from sb3_trpo_kfac.common.kfac.decomposition import eigen_or_previous
 from sb3_trpo_kfac.zoo import hyperparams_path
 
 N_STATES = 500  # Taxi-v4
@@ -45,12 +46,11 @@ def oracle_eigenvalues(mat: th.Tensor) -> th.Tensor:
 def test_factor_with_zero_rows_decomposes(seed, dtype, tolerance):
     mat = one_hot_factor(seed)
     assert int((mat.abs().sum(dim=0) == 0).sum()) >= N_STATES - 35  # states never drawn
-    opt = KFAC(nn.Linear(N_STATES, 4), lr=0.1)
     failures: list[str] = []
-    result = opt._decompose("layer", mat.to(dtype), None, failures)
+    result = eigen_or_previous("layer", mat.to(dtype), None, failures)
     assert failures == [] and result is not None
-    evals, evecs = (t.double() for t in result)
-    assert evals.dtype == th.float64 and result[0].dtype == dtype  # returned in the factor's dtype
+    evals, evecs = result.values.double(), result.vectors.double()
+    assert result.values.dtype == dtype  # returned in the factor's dtype
     th.testing.assert_close(evals.sort().values, oracle_eigenvalues(mat), atol=tolerance, rtol=0)
     th.testing.assert_close(evecs.T @ evecs, th.eye(N_STATES + 1, dtype=th.float64), atol=10 * tolerance, rtol=0)
     # eigenvalues below the floor are dropped: the reconstruction is off by at most that much
@@ -58,12 +58,11 @@ def test_factor_with_zero_rows_decomposes(seed, dtype, tolerance):
 
 
 def test_real_failures_name_the_factor_size_and_condition(monkeypatch):
-    opt = KFAC(nn.Linear(2, 3), lr=0.1)
-    previous = (th.ones(3), th.eye(3))
+    previous = Eigen(th.ones(3), th.eye(3))
     failures: list[str] = []
     bad = th.eye(3)
     bad[0, 1] = bad[1, 0] = float("nan")
-    assert opt._decompose("net.0", bad, previous, failures) is previous
+    assert eigen_or_previous("net.0", bad, previous, failures) is previous
     assert failures == [
         "KFAC: eigendecomposition of a factor of net.0 failed (3x3, 2 non-finite entries); keeping the previous basis"
     ]
@@ -73,7 +72,7 @@ def test_real_failures_name_the_factor_size_and_condition(monkeypatch):
 
     monkeypatch.setattr(th.linalg, "eigh", broken_eigh)
     failures.clear()
-    assert opt._decompose("net.0", th.diag(th.tensor([2.0, 0.5, 0.001])), previous, failures) is previous
+    assert eigen_or_previous("net.0", th.diag(th.tensor([2.0, 0.5, 0.001])), previous, failures) is previous
     assert failures == [
         (
             "KFAC: eigendecomposition of a factor of net.0 failed (3x3, condition number 2e+03, largest singular "

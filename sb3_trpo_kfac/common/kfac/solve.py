@@ -1,0 +1,117 @@
+"""
+The K-FAC solve: direction buffers from gradient buffers, ``V = (A ⊗ G + λI)⁻¹ ∇`` in every block with curvature
+(same-shape blocks in one batched solve) and ``V = ∇`` elsewhere, optionally refined by conjugate gradient on the
+current factors when they are newer than the decompositions.
+"""
+
+import torch as th
+
+from sb3_trpo_kfac.common.kfac.blocks import KFACBlock
+from sb3_trpo_kfac.common.kfac.curvature import BlockCurvature
+from sb3_trpo_kfac.common.kfac.layout import GroupBuffers
+from sb3_trpo_kfac.common.kfac.statistics import KroneckerFactors
+
+
+class KroneckerSolver:
+    """
+    :param refine_iterations: iterations of preconditioned CG on ``(A ⊗ G + λI) V = ∇`` for the current factors, the
+        last decompositions being the preconditioner, in solves asked to refine (0: none). CG from zero keeps
+        ``⟨V, (A ⊗ G + λI) V⟩ = ⟨V, ∇⟩``, so a trust region computed from ``⟨V, ∇⟩`` stays exact. Blocks with a
+        low-rank input factor are not refined (their product would cost what the low rank saves).
+    """
+
+    def __init__(self, refine_iterations: int) -> None:
+        self.refine_iterations = refine_iterations
+
+    @staticmethod
+    def restack(groups: list[GroupBuffers], curvature: dict[KFACBlock, BlockCurvature], damping: float) -> None:
+        """Stack each batch's solve factors after a curvature update (None: its blocks are solved one by one)."""
+        for group in groups:
+            for batch in group.batches:
+                curvatures = [curvature[block] for block in batch.blocks]
+                ready = all(c.stackable and c.ready for c in curvatures)
+                batch.factors = type(curvatures[0]).stack(curvatures, damping) if ready else None
+
+    def solve(
+        self,
+        groups: list[GroupBuffers],
+        curvature: dict[KFACBlock, BlockCurvature],
+        factors: dict[KFACBlock, KroneckerFactors],
+        damping: float,
+        refine: bool,
+    ) -> set[KFACBlock]:
+        """
+        Fill the direction buffers from the gradient buffers (stacked factors from :meth:`restack`).
+
+        :param refine: refine by CG on ``factors`` (the current ones) if ``refine_iterations`` > 0
+        :return: the blocks that were solved (the others keep their gradient)
+        """
+        refine = refine and self.refine_iterations > 0
+        solved: set[KFACBlock] = set()
+        for group in groups:
+            if group.raw_start < group.gradient.numel():
+                group.direction[group.raw_start :].copy_(group.gradient[group.raw_start :])
+            for batch in group.batches:
+                if batch.factors is not None:
+                    kind = type(curvature[batch.blocks[0]])
+                    if refine:
+                        batch.directions.copy_(
+                            self.refine(
+                                kind, batch.factors, [factors[b] for b in batch.blocks], batch.gradients, damping
+                            )
+                        )
+                    else:
+                        kind.solve_stacked(batch.factors, batch.gradients, out=batch.directions)
+                    solved.update(batch.blocks)
+                    continue
+                for block, gradient, direction in zip(batch.blocks, batch.gradients, batch.directions):
+                    result = self._solve_block(curvature[block], factors.get(block), gradient, damping, refine)
+                    direction.copy_(gradient if result is None else result)
+                    if result is not None:
+                        solved.add(block)
+        return solved
+
+    def _solve_block(
+        self, curvature: BlockCurvature, factors: KroneckerFactors | None, mat: th.Tensor, damping: float, refine: bool
+    ) -> th.Tensor | None:
+        """One block of a batch without stacked factors, or None if it has no curvature yet."""
+        if not curvature.ready:
+            return None
+        if curvature.stackable and refine and factors is not None:
+            return self.refine(
+                type(curvature), curvature.stack([curvature], damping), [factors], mat.unsqueeze(0), damping
+            )[0]
+        return curvature.solve(mat, damping)
+
+    def refine(
+        self,
+        kind: type[BlockCurvature],
+        stacked: tuple[th.Tensor, ...],
+        factors: list[KroneckerFactors],
+        mats: th.Tensor,
+        damping: float,
+    ) -> th.Tensor:
+        """
+        ``refine_iterations`` of preconditioned CG on ``(A ⊗ G + λI) X = mats`` per block, with the blocks' current
+        ``factors`` and the last decompositions (``stacked``, of representation ``kind``) as preconditioner, started
+        from zero. Non-finite input stays non-finite (the step then refuses it).
+        """
+        g, a = th.stack([f.g for f in factors]), th.stack([f.a for f in factors])
+        tiny = th.finfo(mats.dtype).tiny
+        residual = mats
+        preconditioned = kind.solve_stacked(stacked, residual)
+        direction, solved = preconditioned, th.zeros_like(mats)
+        r_dot_z = (residual * preconditioned).sum(dim=(1, 2), keepdim=True)
+        for iteration in range(self.refine_iterations):
+            product = th.baddbmm(direction, g, th.bmm(direction, a), beta=damping)  # (A ⊗ G + λI) vec(direction)
+            # a zero gradient gives 0 / 0: the clamped denominator keeps its step zero and lets a NaN through
+            alpha = r_dot_z / (direction * product).sum(dim=(1, 2), keepdim=True).clamp(min=tiny)
+            solved = th.addcmul(solved, alpha, direction)
+            if iteration + 1 == self.refine_iterations:
+                break
+            residual = th.addcmul(residual, alpha, product, value=-1.0)
+            preconditioned = kind.solve_stacked(stacked, residual)
+            r_dot_z_next = (residual * preconditioned).sum(dim=(1, 2), keepdim=True)
+            direction = th.addcmul(preconditioned, r_dot_z_next / r_dot_z.clamp(min=tiny), direction)
+            r_dot_z = r_dot_z_next
+        return solved

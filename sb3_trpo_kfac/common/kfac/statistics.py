@@ -1,0 +1,187 @@
+"""
+K-FAC statistics: running averages of the Kronecker factors ``A = E[ā āᵀ]`` and ``G = E[δ δᵀ]`` of every block.
+
+Only on request: inside :meth:`FactorStatistics.collect`, forward hooks save each covered layer's input and output;
+:meth:`FactorStatistics.update` then takes ``δ = ∂ fisher_loss / ∂ (layer output)`` by one ``torch.autograd.grad``
+(graph retained, ``.grad`` untouched). Plain forwards (e.g. ``no_grad`` rollouts) are never counted.
+"""
+
+import contextlib
+import dataclasses
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch as th
+from torch import nn
+
+from sb3_trpo_kfac.common.kfac.blocks import KFACBlock
+from sb3_trpo_kfac.common.kfac.schedule import KFACCounters
+
+# one saved call of a block's layer: (the module called, its input, the input's version counter, its output)
+SavedCall = tuple[nn.Module, th.Tensor, int, th.Tensor]
+
+
+@dataclasses.dataclass
+class KroneckerFactors:
+    """The running Kronecker factors of one block: ``A`` (input side, ``in + 1``) and ``G`` (output side, ``out``)."""
+
+    a: th.Tensor
+    g: th.Tensor
+
+
+class FactorStatistics:
+    """
+    Collects forwards and keeps the running factors of a set of blocks.
+
+    One convention for every layer kind (KFC, Grosse & Martens 2016, with baselines' scaling): a block's rows are its
+    *locations*, ``T`` per sample: the output positions of a Conv2d, the positions ``T`` of a Linear applied to
+    ``(N, T, in)`` inputs, and, for a layer called ``k`` times in the forward (or tied layers), the rows of all calls,
+    so ``T = rows of all calls / N``. Then ``A = Σ (ā/T)(ā/T)ᵀ / N`` and ``G = T² · mean δ δᵀ`` over samples x
+    locations; for a plain ``(N, in)`` Linear (``T = 1``) ``A = mean ā āᵀ`` and ``G = mean δ δᵀ``. A Linear and the
+    equivalent 1x1 Conv2d thus get the same factors. Running averages: ``A ← ρ A + (1 − ρ) A_batch``, initialised by
+    the first batch.
+
+    :param blocks: the blocks
+    :param stats_decay: ρ
+    :param counters: counts successful and refused updates
+    """
+
+    def __init__(self, blocks: list[KFACBlock], stats_decay: float, counters: KFACCounters) -> None:
+        self.blocks = blocks
+        self.stats_decay = stats_decay
+        self.counters = counters
+        self.factors: dict[KFACBlock, KroneckerFactors] = {}
+        self._saved: dict[KFACBlock, list[SavedCall]] = {}
+        # forward hooks exist only inside collect(): a module with hooks takes a slower call path, which every
+        # rollout forward would otherwise pay
+        self._hooks: list[th.utils.hooks.RemovableHandle] = []
+        self._hooks_enabled = True
+
+    @contextlib.contextmanager
+    def collect(self) -> Iterator[None]:
+        """Context in which forward passes of covered layers are saved for :meth:`update`."""
+        self._saved = {}
+        if self._hooks or not self._hooks_enabled:  # nested, or hooks removed
+            yield
+            return
+        self._hooks = [
+            module.register_forward_hook(self._make_hook(block)) for block in self.blocks for module in block.modules
+        ]
+        try:
+            yield
+        finally:
+            self._remove_hooks()
+
+    def _make_hook(self, block: KFACBlock) -> Callable[..., th.Tensor | None]:
+        def hook(module: nn.Module, inputs: tuple[th.Tensor, ...], output: th.Tensor) -> th.Tensor | None:
+            # only forwards that build a graph
+            if not (th.is_grad_enabled() and output.requires_grad):
+                return None
+            x = inputs[0].detach()  # shares the version counter: an in-place change is seen in update()
+            # the version counter has no public accessor; it is how autograd itself detects such changes
+            self._saved.setdefault(block, []).append((module, x, x._version, output))
+            # the model continues with a copy, so that an in-place op after the layer (e.g. ReLU(inplace=True))
+            # changes the copy and δ stays the gradient with respect to the layer's own output
+            return output.clone()
+
+        return hook
+
+    def remove_hooks(self) -> None:
+        """Stop saving forwards in :meth:`collect` for good (only the statistics gathered so far are used)."""
+        self._hooks_enabled = False
+        self._remove_hooks()
+
+    def _remove_hooks(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    def take_saved(self) -> list[tuple[KFACBlock, nn.Module, th.Tensor, th.Tensor]] | None:
+        """
+        The calls saved by the last :meth:`collect` that have samples, as ``(block, module, input, output)``; None
+        (with a warning) if there is none. A layer input modified in place after its forward raises a RuntimeError.
+        """
+        saved, self._saved = self._saved, {}
+        calls = [(block, *call) for block, block_calls in saved.items() for call in block_calls]
+        if not calls:
+            warnings.warn(
+                "KFAC.update_statistics: no forward of a covered layer was saved; call the model inside collect()"
+            )
+            return None
+        for block, _, x, version, _ in calls:
+            if x._version != version:
+                raise RuntimeError(
+                    f"KFAC.update_statistics: the input of {block.name} was modified in place after its forward; "
+                    "its statistics would not be those of the forward (use an out-of-place op)"
+                )
+        with_samples = [(block, module, x, out) for block, module, x, _, out in calls if out.numel() > 0]
+        if not with_samples:
+            warnings.warn("KFAC.update_statistics: the saved forwards have no samples; the statistics are unchanged")
+            return None
+        return with_samples
+
+    def update(self, fisher_loss: th.Tensor, calls: list[tuple[KFACBlock, nn.Module, th.Tensor, th.Tensor]]) -> bool:
+        """
+        Fold the calls into the running factors.
+
+        ``N`` is the leading dimension of the layer input (1 for an unbatched input); every call of a block must see
+        the same ``N`` (a ValueError otherwise, before any change). A block none of whose calls has rows keeps its
+        factors.
+
+        :param fisher_loss: scalar, *sum* over the N samples of the sampled negative log-likelihood
+        :param calls: from :meth:`take_saved`
+        :return: whether the factors were updated (False if no call reaches the loss or the statistics are not finite)
+        """
+        deltas = th.autograd.grad(fisher_loss, [out for *_, out in calls], retain_graph=True, allow_unused=True)
+        # per block: [Σ ā āᵀ, Σ δ δᵀ, rows, N] over its calls
+        sums: dict[KFACBlock, list[Any]] = {}
+        shared: dict[tuple[object, ...], th.Tensor] = {}
+        with th.no_grad():
+            for (block, module, x, _), delta in zip(calls, deltas):
+                if delta is None:
+                    continue
+                a_sum, g_sum, rows, n_samples = block.call_moments(module, x, delta, shared)
+                acc = sums.get(block)
+                if acc is None:
+                    sums[block] = [a_sum, g_sum, rows, n_samples]
+                elif acc[3] != n_samples:
+                    raise ValueError(
+                        f"KFAC.update_statistics: {block.name} was called on {acc[3]} and on {n_samples} samples in "
+                        "one collect(); its calls count as extra locations of the same samples, so their inputs must "
+                        "agree on the leading (sample) dimension"
+                    )
+                else:
+                    acc[0], acc[1], acc[2] = acc[0] + a_sum, acc[1] + g_sum, acc[2] + rows
+            if not sums:
+                return False
+            for acc in sums.values():
+                locations = acc[2] // acc[3]  # T per sample
+                if locations != 1:  # out of place: blocks fed the same input share one moment tensor
+                    acc[0], acc[1] = acc[0] / locations**2, acc[1] * locations
+            moments = [t for a_sum, g_sum, *_ in sums.values() for t in (a_sum, g_sum)]
+            # a norm is finite only if every entry is: one fused reduction guards all factors (torch's _foreach
+            # kernels are private, but one call for all blocks is what keeps small networks cheap)
+            if not bool(th.isfinite(th.stack(th._foreach_norm(moments))).all()):
+                self.counters.skipped_stats += 1
+                warnings.warn("KFAC.update_statistics: non-finite statistics were ignored")
+                return False
+            # batch means (out of place: blocks fed the same input share one moment tensor), one _foreach call
+            means = th._foreach_div(moments, [float(n_samples) for *_, n_samples in sums.values() for _ in range(2)])
+            self._fold(list(sums), means[::2], means[1::2])
+        self.counters.stats_updates += 1
+        return True
+
+    def _fold(self, blocks: list[KFACBlock], a_means: Sequence[th.Tensor], g_means: Sequence[th.Tensor]) -> None:
+        """``F ← ρ F + (1 − ρ) F_batch`` for every factor, fused over all of them; the first batch initialises them."""
+        running, batch = [], []
+        for block, a_mean, g_mean in zip(blocks, a_means, g_means):
+            factors = self.factors.get(block)
+            if factors is None:
+                self.factors[block] = KroneckerFactors(a_mean, g_mean)
+            else:
+                running += [factors.a, factors.g]
+                batch += [a_mean, g_mean]
+        if running:  # torch's private _foreach kernels: two calls whatever the block count
+            th._foreach_mul_(running, self.stats_decay)
+            th._foreach_add_(running, batch, alpha=1.0 - self.stats_decay)
