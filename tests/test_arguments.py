@@ -93,8 +93,8 @@ COMMON_CASES = [
 ]
 
 CASES = {
-    TRPO: COMMON_CASES
-    + [
+    TRPO: [
+        *COMMON_CASES,
         ("batch_size", 0, V),
         ("batch_size", "64", T),
         ("cg_max_steps", 0, V),
@@ -114,8 +114,8 @@ CASES = {
         ("cg_preconditioner", "KFAC", V),
         ("cg_preconditioner", True, T),
     ],
-    ACKTR: COMMON_CASES
-    + [
+    ACKTR: [
+        *COMMON_CASES,
         ("ent_coef", -1.0, V),
         ("ent_coef", INF, V),
         ("ent_coef", "auto", T),

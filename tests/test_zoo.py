@@ -368,7 +368,7 @@ def test_two_workers_share_one_journal_study(tmp_path):
                 "--no-optim-plots", "--seed", str(seed), "-f", f"logs_{seed}", *FAST,
             ],
             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
+        )
         for seed in (11, 12)
     ]
     outputs = [worker.communicate(timeout=600)[0] for worker in workers]

@@ -17,8 +17,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from sb3_trpo_kfac.common.conjugate_gradient import conjugate_gradient
-from sb3_trpo_kfac.common.kfac import KFACPreconditioner
 from sb3_trpo_kfac.common.fisher import (
+    LinearCall,
     detached_distribution,
     flat_concat,
     gauss_newton_fisher,
@@ -26,6 +26,7 @@ from sb3_trpo_kfac.common.fisher import (
     record_linear_calls,
     split_like,
 )
+from sb3_trpo_kfac.common.kfac import KFACPreconditioner
 from sb3_trpo_kfac.common.policy_parameters import (
     frozen_features_value_fn,
     index_observations,
@@ -273,11 +274,12 @@ class TRPO(OnPolicyAlgorithm):
             advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
 
         kfac = self._kfac_preconditioner(actor_params) if self.cg_preconditioner == "kfac" else None
-        with (
-            kfac.collect() if kfac is not None else contextlib.nullcontext(),
-            # the Fisher products use this forward only without a subsample
-            record_linear_calls(self.policy) if self.fisher_subsample == 1.0 else contextlib.nullcontext([]) as calls,
-        ):
+        collect: contextlib.AbstractContextManager[Any] = kfac.collect() if kfac is not None else contextlib.nullcontext()
+        # the Fisher products use this forward only without a subsample
+        record: contextlib.AbstractContextManager[list[LinearCall]] = (
+            record_linear_calls(self.policy) if self.fisher_subsample == 1.0 else contextlib.nullcontext([])
+        )
+        with collect, record as calls:
             distribution = self.policy.get_distribution(observations)
         old_distribution = detached_distribution(distribution)
         log_prob = distribution.log_prob(actions)
@@ -311,7 +313,7 @@ class TRPO(OnPolicyAlgorithm):
                 return flat_concat(kfac.precondition(actor_params, split_like(vector, actor_params)))
 
         if self.fisher_subsample < 1.0:
-            n_fisher = max(1, int(round(self.fisher_subsample * len(actions))))
+            n_fisher = max(1, round(self.fisher_subsample * len(actions)))
             # Rollout batches come shuffled, so the first rows are a uniform subsample.
             with record_linear_calls(self.policy) as calls:
                 fisher_distribution = self.policy.get_distribution(index_observations(observations, slice(0, n_fisher)))
