@@ -381,3 +381,23 @@ def test_non_finite_loss_never_reaches_parameters():
 def test_bad_arguments(kwargs, error, name):
     with pytest.raises(error, match=name):
         ACKTR("MlpPolicy", IdentityEnv(3), device="cpu", **kwargs)
+
+
+@pytest.mark.parametrize("vf_kfac_clip", [None, 0.1])
+def test_load_with_new_trust_region_settings_trains_with_them(tmp_path, vf_kfac_clip):
+    # rl-zoo3's `train -i` loads with the entry's hyperparameters as keywords: the optimizer must use them, not the
+    # values saved in its state
+    model = ACKTR(
+        "MlpPolicy", IdentityEnv(3), n_steps=8, kfac_clip=0.02, vf_kfac_clip=vf_kfac_clip, momentum=0.5,
+        policy_kwargs=TINY, seed=0, device="cpu",
+    )  # fmt: skip
+    model.learn(16)
+    model.save(tmp_path / "model")
+    new = {"kfac_clip": 0.01, "momentum": 0.8} | ({} if vf_kfac_clip is None else {"vf_kfac_clip": 0.3})
+    loaded = ACKTR.load(tmp_path / "model", env=IdentityEnv(3), device="cpu", **new)
+    groups = loaded.policy.optimizer.param_groups
+    assert [group["kfac_clip"] for group in groups] == [0.01] + ([] if vf_kfac_clip is None else [0.3])
+    assert all(group["momentum"] == 0.8 for group in groups)
+    kept = ACKTR.load(tmp_path / "model", env=IdentityEnv(3), device="cpu")  # nothing given: the saved values
+    assert [g["kfac_clip"] for g in kept.policy.optimizer.param_groups] == [0.02] + ([] if vf_kfac_clip is None else [0.1])
+    assert all(g["momentum"] == 0.5 for g in kept.policy.optimizer.param_groups)

@@ -406,6 +406,28 @@ class ACKTR(OnPolicyAlgorithm):
             clip_grad_norm_(self._critic_params, self.max_grad_norm)
             optimizer.step(refresh_curvature=False)
 
+    def set_parameters(
+        self,
+        load_path_or_dict: str | dict[str, Any],
+        exact_match: bool = True,
+        device: th.device | str = "auto",
+    ) -> None:
+        """
+        SB3's ``set_parameters``, then the model's trust-region radii (and the momentum of the default step rule) are
+        written into the loaded optimizer state, whose parameter groups would otherwise keep the saved values:
+        ``ACKTR.load(path, kfac_clip=...)`` (rl-zoo3's ``train -i``) then trains with what the model says.
+
+        :param load_path_or_dict: as SB3's
+        :param exact_match: as SB3's
+        :param device: as SB3's
+        """
+        super().set_parameters(load_path_or_dict, exact_match=exact_match, device=device)
+        radii = [self.kfac_clip] if self.vf_kfac_clip is None else [self.kfac_clip, self.vf_kfac_clip]
+        for group, radius in zip(self.policy.optimizer.param_groups, radii, strict=True):
+            group["kfac_clip"] = radius
+            if "optimizer_class" not in self.policy_kwargs:  # the paper's momentum SGD (else momentum is unused)
+                group["momentum"] = self.momentum
+
     def _excluded_save_params(self) -> list[str]:
         # The parameter list points into the live policy; it is rebuilt after loading.
         return [*super()._excluded_save_params(), "_critic_params"]
