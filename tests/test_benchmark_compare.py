@@ -11,6 +11,7 @@ import json
 import shlex
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -194,3 +195,115 @@ def test_trpo_learning_runs_each_implementations_entry():
             assert_runs_entry(record, our_entries("trpo")[record["env_id"]], "sb3_trpo_kfac")
         else:
             assert_runs_entry(record, rl_zoo3_entries("trpo")[record["env_id"]], "rl_zoo3")
+
+
+# benchmarks/run_queue.py and benchmarks/zoo_report.py: the long runs of issue 16 (planned, never trained here)
+QUEUE = BENCHMARKS / "run_queue.py"
+
+
+def queue_launches(root: Path, queue: str, *args: str) -> list[dict[str, Any]]:
+    """What ``run_queue.py QUEUE --dry-run`` would launch now."""
+    output = run_script(QUEUE, queue, "--dry-run", "--root", str(root), *args)
+    return [json.loads(line) for line in output.splitlines()]
+
+
+def zoo_options(command: list[str]) -> tuple[str, dict[str, str]]:
+    """The zoo module and options of a segment's command (``python run_queue.py segment -m MODULE ...``)."""
+    assert command[:3] == [sys.executable, str(QUEUE), "segment"] and command[3] == "-m"
+    module, rest = command[4], command[5:]
+    rest = rest[1:] if module == "sb3_trpo_kfac" and rest[0] == "train" else rest
+    assert len(rest) % 2 == 0 and all(key.startswith("-") for key in rest[::2]), rest
+    return module, dict(zip(rest[::2], rest[1::2], strict=True))
+
+
+def test_queue_runs_each_zoo_command_one_thread_with_checkpoints(tmp_path):
+    launches = queue_launches(tmp_path, "pong", "--parallel", "8")
+    assert [launch["run"] for launch in launches] == [
+        f"{algo}/PongNoFrameskip-v4/seed{seed}" for seed in (0, 1) for algo in ("acktr", "a2c")
+    ]
+    for launch in launches:
+        module, options = zoo_options(launch["command"])
+        algo = launch["run"].split("/")[0]
+        assert module == ("sb3_trpo_kfac" if algo == "acktr" else "rl_zoo3.train") and options["--algo"] == algo
+        assert (options["-n"], options["--num-threads"], options["--save-freq"]) == ("1000000", "1", "50000")
+        assert "--conf-file" not in options and "-i" not in options  # both entries' own "atari" entry; a new run
+        assert Path(options["-f"]) == tmp_path / "pong" / launch["run"] / "seg00" / "logs"
+        assert launch["resume_from"] is None and launch["start_steps"] == 0
+    assert len(queue_launches(tmp_path, "pong")) == 2  # --parallel 2 by default
+    assert not (tmp_path / "pong").exists()  # a dry run launches nothing
+
+    mujoco = queue_launches(tmp_path, "mujoco", "--parallel", "40")
+    assert len(mujoco) == 3 * (3 + 3 + 1 + 1)
+    for launch in mujoco:
+        module, options = zoo_options(launch["command"])
+        assert (options["--eval-freq"], options["--eval-episodes"]) == ("50000", "5")
+        if module == "rl_zoo3.train":  # the peers run rl-zoo3's -v4 entries for the -v5 robots
+            copied = yaml.safe_load(Path(options["--conf-file"]).read_text())
+            shipped = rl_zoo3_entries(options["--algo"])
+            assert copied == {env: shipped[env.replace("-v5", "-v4")] for env in ("Ant-v5", "Swimmer-v5", "Walker2d-v5")}
+
+
+def fake_segment(folder: Path, exp_name: str, start_steps: int, pid: int | None = None) -> Path:
+    """A segment's record and zoo experiment folder, as run_queue.py and rl-zoo3 leave them."""
+    exp = folder / "logs" / exp_name
+    exp.mkdir(parents=True)
+    record = {"pid": pid, "log_folder": str(folder / "logs"), "experiment": str(exp), "start_steps": start_steps}
+    (folder / "segment.json").write_text(json.dumps(record))
+    return exp
+
+
+def test_queue_resumes_from_the_latest_checkpoint_saved_with_its_normalization(tmp_path):
+    run = tmp_path / "smoke" / "a2c" / "Pendulum-v1" / "seed0"
+    exp = fake_segment(run / "seg00", "a2c/Pendulum-v1_1", 0)
+    (exp / "Pendulum-v1").mkdir()
+    (exp / "Pendulum-v1" / "config.yml").write_text("normalize: true\nn_envs: 8\n")
+    for steps in (4000, 6000):
+        (exp / f"rl_model_{steps}_steps.zip").write_bytes(b"")
+    (exp / "rl_model_vecnormalize_4000_steps.pkl").write_bytes(b"")  # killed between the 6000 model and its statistics
+    done = fake_segment(tmp_path / "smoke" / "a2c" / "CartPole-v1" / "seed0" / "seg00", "a2c/CartPole-v1_1", 0)
+    with zipfile.ZipFile(done / "CartPole-v1.zip", "w") as archive:  # the final model at the budget: done
+        archive.writestr("data", json.dumps({"num_timesteps": 20_000}))
+
+    launches = {launch["run"]: launch for launch in queue_launches(tmp_path, "smoke", "--parallel", "4")}
+    assert set(launches) == {"acktr/CartPole-v1/seed0", "acktr/Pendulum-v1/seed0", "a2c/Pendulum-v1/seed0"}
+    resumed = launches["a2c/Pendulum-v1/seed0"]
+    assert resumed["resume_from"] == str(exp / "rl_model_4000_steps.zip")
+    assert resumed["normalization"] == str(exp / "rl_model_vecnormalize_4000_steps.pkl")
+    _, options = zoo_options(resumed["command"])
+    assert (options["-n"], resumed["start_steps"]) == ("8000", 4000)  # the rest of the 12k budget
+    # -i reads the statistics from MODEL's folder / ENV / vecnormalize.pkl: launch() copies both there
+    assert Path(options["-i"]) == run / "seg01" / "resume" / "rl_model_4000_steps.zip"
+    assert Path(options["-f"]) == run / "seg01" / "logs"
+
+    status = run_script(QUEUE, "smoke", "--status", "--root", str(tmp_path))
+    assert "a2c/CartPole-v1/seed0" in status and " done " in status.split("a2c/CartPole-v1/seed0")[1].splitlines()[0]
+
+
+def write_monitor(path: Path, start: float, rows: list[tuple[float, int, float]]) -> None:
+    lines = [f'#{{"t_start": {start}, "env_id": "CartPole-v1"}}', "r,l,t"]
+    path.write_text("\n".join(lines + [f"{value},{length},{t}" for value, length, t in rows]) + "\n")
+
+
+def test_report_stitches_the_segments_of_a_run_in_steps_and_time(tmp_path):
+    run = tmp_path / "smoke" / "acktr" / "CartPole-v1" / "seed0"
+    # segment 0, two envs, episodes of 100 steps (200 env steps of the run each); checkpoint at 1,200, killed later
+    first = fake_segment(run / "seg00", "acktr/CartPole-v1_1", 0)
+    write_monitor(first / "0.monitor.csv", 1000.0, [(10.0 + i, 100, 10.0 * i + 10) for i in range(8)])
+    write_monitor(first / "1.monitor.csv", 1000.0, [(20.0 + i, 100, 10.0 * i + 15) for i in range(8)])
+    # segment 1 resumed from 1,200 steps: segment 0's episodes after 1,200 steps were redone, and are dropped
+    second = fake_segment(run / "seg01", "acktr/CartPole-v1_1", 1200)
+    write_monitor(second / "0.monitor.csv", 5000.0, [(500.0, 100, 20.0 * i + 10) for i in range(6)])
+    write_monitor(second / "1.monitor.csv", 5000.0, [(500.0, 100, 20.0 * i + 20) for i in range(6)])
+    out = tmp_path / "report"
+    run_script(BENCHMARKS / "zoo_report.py", "smoke", "--root", str(tmp_path), "--out", str(out))
+
+    lines = (out / "runs.csv").read_text().splitlines()
+    rows = {tuple(row.split(",")[:3]): dict(zip(lines[0].split(","), row.split(","))) for row in lines[1:]}
+    record = rows[("acktr", "CartPole-v1", "0")]
+    assert record["episodes"] == "24" and record["segments"] == "2" and record["state"] == "stopped"
+    # the mean of the last 10 reaches 475 with segment 1's 10th episode (env 1's 5th: 1,200 + 2 x 500 steps)
+    assert record["episodes_to_threshold"] == "22" and float(record["steps_to_threshold"]) == 2200.0
+    assert float(record["last_10_episodes"]) == 500.0 and record["final_training_return"] == ""  # not done
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["partial"] is True and (out / "learning_curves.png").exists()
+    assert "stopped (partial)" in (out / "summary.md").read_text()
