@@ -252,17 +252,23 @@ def fake_segment(folder: Path, exp_name: str, start_steps: int, pid: int | None 
     return exp
 
 
+def write_model(path: Path, steps: int) -> None:
+    """A stand-in for an SB3 model zip: the queue reads only its step count."""
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("data", json.dumps({"num_timesteps": steps}))
+
+
 def test_queue_resumes_from_the_latest_checkpoint_saved_with_its_normalization(tmp_path):
     run = tmp_path / "smoke" / "a2c" / "Pendulum-v1" / "seed0"
     exp = fake_segment(run / "seg00", "a2c/Pendulum-v1_1", 0)
     (exp / "Pendulum-v1").mkdir()
     (exp / "Pendulum-v1" / "config.yml").write_text("normalize: true\nn_envs: 8\n")
     for steps in (4000, 6000):
-        (exp / f"rl_model_{steps}_steps.zip").write_bytes(b"")
+        write_model(exp / f"rl_model_{steps}_steps.zip", steps)
+    (exp / "rl_model_8000_steps.zip").write_bytes(b"PK")  # cut short by the kill while it was written: skipped
     (exp / "rl_model_vecnormalize_4000_steps.pkl").write_bytes(b"")  # killed between the 6000 model and its statistics
     done = fake_segment(tmp_path / "smoke" / "a2c" / "CartPole-v1" / "seed0" / "seg00", "a2c/CartPole-v1_1", 0)
-    with zipfile.ZipFile(done / "CartPole-v1.zip", "w") as archive:  # the final model at the budget: done
-        archive.writestr("data", json.dumps({"num_timesteps": 20_000}))
+    write_model(done / "CartPole-v1.zip", 20_000)  # the final model at the budget: done
 
     launches = {launch["run"]: launch for launch in queue_launches(tmp_path, "smoke", "--parallel", "4")}
     assert set(launches) == {"acktr/CartPole-v1/seed0", "acktr/Pendulum-v1/seed0", "a2c/Pendulum-v1/seed0"}
