@@ -43,13 +43,13 @@ THRESHOLDS = {
     "Pendulum-v1": -200.0,
 }
 # Published figures to put beside ours.
-# Wu et al. 2017 (arXiv 1708.05144), Table 1: episodes to human level after ... (ACKTR, A2C). Quoted from memory of the
-# paper: not confirmed against its text in the session that wrote this (no copy of the paper was reachable).
+# Wu et al. 2017 (arXiv 1708.05144), Table 1: episodes to human level (ACKTR, A2C). Recalled, not confirmed against
+# the paper's text (no copy of it was reachable when this was written): check before citing.
 PAPER_EPISODES = {
     "PongNoFrameskip-v4": {"acktr": 904, "a2c": 4768},
     "BreakoutNoFrameskip-v4": {"acktr": 4094, "a2c": 14464},
 }
-PAPER_NOTE = "Wu et al. 2017 (arXiv 1708.05144) Table 1, episodes to human level; not confirmed against the paper text"
+PAPER_NOTE = "Wu et al. 2017 (arXiv 1708.05144) Table 1, episodes to human level: recalled, NOT confirmed against the paper"
 # Issue 16's anchors: rl-zoo3's benchmark (TRPO, 1M steps, -v3 robots), sb3-contrib's docs (Swimmer), PPO here.
 ANCHORS = {
     "Walker2d-v5": "rl-zoo3 TRPO (Walker2d-v3, 1M): 4933",
@@ -133,7 +133,9 @@ def summarize_run(run: Run, root: Path) -> tuple[dict[str, Any], Curve]:
     done = state.state == "done"
     last = curve.steps >= 0.9 * run.budget
     evaluated = curve.eval_steps >= 0.9 * curve.eval_steps.max() if curve.eval_steps.size else np.zeros(0, bool)
-    record = dict(algo=run.algo, env=run.env, seed=run.seed, state=state.state, steps_reached=state.steps)
+    # a running run has trained past its latest checkpoint: its episodes say how far
+    reached = max(state.steps, int(curve.steps.max()) if curve.steps.size else 0)
+    record = dict(algo=run.algo, env=run.env, seed=run.seed, state=state.state, steps_reached=reached)
     record.update(budget=run.budget, segments=len(state.segments), episodes=int(curve.returns.size))
     record.update(threshold=threshold, steps_to_threshold=steps, episodes_to_threshold=episodes)
     record["last_10_episodes"] = float(curve.returns[-WINDOW:].mean()) if curve.returns.size else None
@@ -198,6 +200,7 @@ def plot(records: list[dict[str, Any]], curves: list[Curve], path: Path, title: 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import EngFormatter
 
     envs = list(dict.fromkeys(record["env"] for record in records))
     figure, axes = plt.subplots(1, len(envs), figsize=(5.5 * len(envs), 4), squeeze=False)
@@ -211,6 +214,7 @@ def plot(records: list[dict[str, Any]], curves: list[Curve], path: Path, title: 
         if THRESHOLDS.get(env) is not None:
             axis.axhline(THRESHOLDS[env], color="grey", linestyle=":", linewidth=1)
         axis.set(title=env, xlabel="env steps", ylabel=f"training return (mean of last {WINDOW} episodes)")
+        axis.xaxis.set_major_formatter(EngFormatter())
         axis.grid(alpha=0.3)
         axis.legend(fontsize="x-small")
     figure.suptitle(title, fontsize="small")
