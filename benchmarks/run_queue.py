@@ -23,8 +23,10 @@ mode, which changes two things before handing over to the zoo module's ``__main_
   segment finds them where ``-i`` looks (``dirname(MODEL)/ENV/vecnormalize.pkl``);
 - a resumed segment continues the step counter (``learn(reset_num_timesteps=False)``; rl-zoo3 restarts it at 0), so
   ``lin_`` schedules, checkpoint names and evaluation steps go on from the checkpoint instead of starting over.
-An uninterrupted run is the zoo command's run unchanged. The environments of a resumed segment are seeded again with
-the run's seed (as ``-i`` does): a resumed run is one continuous run in steps and weights, not bit for bit the same.
+Ours resume with the hyperparameters their first segment saved (its ``config.yml`` as ``--conf-file``), so an
+entry changed meanwhile does not leak into a run. An uninterrupted run is the zoo command's run unchanged. The
+environments of a resumed segment are seeded again with the run's seed (as ``-i`` does): a resumed run is one
+continuous run in steps and weights, not bit for bit the same.
 """
 
 import argparse
@@ -279,13 +281,25 @@ class Launch:
         return json.dumps(fields)
 
 
+def first_config(state: RunState) -> Path | None:
+    """The hyperparameters rl-zoo3 saved in the run's first segment (our command reads that file as ``--conf-file``)."""
+    for segment in state.segments:
+        exp = experiment(segment)
+        if exp is not None and (exp / state.run.env / "config.yml").exists():
+            return exp / state.run.env / "config.yml"
+    return None
+
+
 def plan(state: RunState, root: Path, save_freq: int) -> Launch:
     """The next segment of a run that is pending, stopped or failed."""
     run, resume = state.run, state.resume
     segment = run.folder(root) / f"seg{len(state.segments):02d}"
     start = resume.steps if resume is not None else 0
     model = segment / "resume" / resume.model.name if resume is not None else None
-    command = zoo_command(run, segment / "logs", peer_conf(run, root), run.budget - start, save_freq, model)
+    conf = peer_conf(run, root)
+    if resume is not None and ALGOS[run.algo].module == "sb3_trpo_kfac":
+        conf = first_config(state)  # the values the run started with, even if the shipped entry changed since
+    command = zoo_command(run, segment / "logs", conf, run.budget - start, save_freq, model)
     return Launch(run, segment, [sys.executable, str(SCRIPT), "segment", *command], resume, start)
 
 

@@ -270,8 +270,16 @@ def test_queue_resumes_from_the_latest_checkpoint_saved_with_its_normalization(t
     done = fake_segment(tmp_path / "smoke" / "a2c" / "CartPole-v1" / "seed0" / "seg00", "a2c/CartPole-v1_1", 0)
     write_model(done / "CartPole-v1.zip", 20_000)  # the final model at the budget: done
 
+    ours = fake_segment(tmp_path / "smoke" / "acktr" / "CartPole-v1" / "seed0" / "seg00", "acktr/CartPole-v1_1", 0)
+    (ours / "CartPole-v1").mkdir()
+    (ours / "CartPole-v1" / "config.yml").write_text("n_envs: 8\n")
+    write_model(ours / "rl_model_2000_steps.zip", 2000)
+
     launches = {launch["run"]: launch for launch in queue_launches(tmp_path, "smoke", "--parallel", "4")}
     assert set(launches) == {"acktr/CartPole-v1/seed0", "acktr/Pendulum-v1/seed0", "a2c/Pendulum-v1/seed0"}
+    # ours resume with the values the run started with (the shipped entry may have changed since)
+    _, options = zoo_options(launches["acktr/CartPole-v1/seed0"]["command"])
+    assert Path(options["--conf-file"]) == ours / "CartPole-v1" / "config.yml" and options["-n"] == "18000"
     resumed = launches["a2c/Pendulum-v1/seed0"]
     assert resumed["resume_from"] == str(exp / "rl_model_4000_steps.zip")
     assert resumed["normalization"] == str(exp / "rl_model_vecnormalize_4000_steps.pkl")
