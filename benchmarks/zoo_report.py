@@ -184,6 +184,15 @@ def markdown(queue: str, records: list[dict[str, Any]]) -> str:
                 cells += [number(r["steps_to_threshold"], 0), number(r["episodes_to_threshold"])]
             cells += [number(r["final_training_return"]), number(r["final_evaluation_return"])]
             lines.append("| " + " | ".join(cells) + " |")
+        for algo in dict.fromkeys(r["algo"] for r in rows):
+            key = "final_evaluation_return" if any(r["final_evaluation_return"] is not None for r in rows) else None
+            finals = [r[key or "final_training_return"] for r in rows if r["algo"] == algo and r["state"] == "done"]
+            if finals:
+                what = "evaluation" if key else "training"
+                lines.append(
+                    f"\n{ALGOS[algo].label}: final {what} return {np.mean(finals):.1f} ± {np.std(finals):.1f} "
+                    f"over {len(finals)} finished seed(s)."
+                )
         if env in PAPER_EPISODES:
             paper = PAPER_EPISODES[env]
             lines += ["", f"Paper: ACKTR {paper['acktr']:,} episodes, A2C {paper['a2c']:,} ({PAPER_NOTE})."]
