@@ -472,6 +472,7 @@ def run_segment(argv: list[str]) -> None:
 
     exp_manager.ExperimentManager.learn = learn  # type: ignore[method-assign]
     sys.argv = [argv[1], *argv[2:]]
+    sys.path[0] = os.getcwd()  # as under ``python -m``: this folder's common.py must not shadow another "common"
     runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
 
 
