@@ -432,7 +432,9 @@ def adopt(queue: str, root: Path, exp: Path, pid: int | None) -> None:
 
 
 def format_status(queue: str, root: Path) -> str:
-    lines = [f"{'run':40} {'state':8} {'steps':>19} {'seg':>3} {'last 10 ep.':>11}  pid / note"]
+    driver = read_json(driver_file(queue, root)).get("pid")
+    lines = [f"driver: {'running, pid ' + str(driver) if pid_alive(driver, SCRIPT.name) else 'not running'}"]
+    lines.append(f"{'run':40} {'state':8} {'steps':>19} {'seg':>3} {'last 10 ep.':>11}  pid / note")
     for run in QUEUES[queue]:
         state = run_state(run, root)
         latest = last_returns(state)

@@ -6,6 +6,7 @@ shipped entries (their ``--dry-run`` output against the files the zoo commands r
 zoo's.
 """
 
+import collections
 import importlib.util
 import json
 import shlex
@@ -321,3 +322,20 @@ def test_report_stitches_the_segments_of_a_run_in_steps_and_time(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["partial"] is True and (out / "learning_curves.png").exists()
     assert "stopped (partial)" in (out / "summary.md").read_text()
+
+
+def test_queue_adopts_a_zoo_run_started_by_hand(tmp_path):
+    exp = tmp_path / "by_hand" / "a2c" / "PongNoFrameskip-v4_1"
+    (exp / "PongNoFrameskip-v4").mkdir(parents=True)
+    options = [("algo", "a2c"), ("env", "PongNoFrameskip-v4"), ("seed", 1), ("n_timesteps", 1_000_000)]
+    options += [("log_folder", str(tmp_path / "by_hand"))]
+    (exp / "PongNoFrameskip-v4" / "args.yml").write_text(yaml.dump(collections.OrderedDict(options)))  # as rl-zoo3
+    write_model(exp / "rl_model_50000_steps.zip", 50_000)
+    run_script(QUEUE, "pong", "--adopt", str(exp), "--root", str(tmp_path))
+    record = json.loads((tmp_path / "pong" / "a2c" / "PongNoFrameskip-v4" / "seed1" / "seg00" / "segment.json").read_text())
+    assert record["adopted"] and record["experiment"] == str(exp) and record["start_steps"] == 0
+    # its process is gone (no --pid): the run resumes from its checkpoint in the queue's own folder
+    launches = {launch["run"]: launch for launch in queue_launches(tmp_path, "pong", "--parallel", "4")}
+    assert launches["a2c/PongNoFrameskip-v4/seed1"]["resume_from"] == str(exp / "rl_model_50000_steps.zip")
+    _, options_given = zoo_options(launches["a2c/PongNoFrameskip-v4/seed1"]["command"])
+    assert options_given["-n"] == "950000"
