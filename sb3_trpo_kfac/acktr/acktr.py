@@ -187,9 +187,10 @@ class ACKTR(OnPolicyAlgorithm):
         kfac_update: int = 1,
         kfac_stats_interval: int = 1,
         kfac_inverse: str = "eigen",
-        kfac_low_rank: int | None = None,
+        kfac_low_rank: int | str | None = None,
         kfac_async: bool = False,
         kfac_refine: int = 0,
+        kfac_stats_samples: int | None = None,
         vf_fisher_coef: float = 1.0,
         kfac_cold_iter: int = 0,
         stats_window_size: int = 100,
@@ -252,7 +253,7 @@ class ACKTR(OnPolicyAlgorithm):
         knobs = check_kfac_arguments(
             kfac_clip=kfac_clip, kfac_update=kfac_update, kfac_stats_interval=kfac_stats_interval,
             kfac_inverse=kfac_inverse, kfac_low_rank=kfac_low_rank, kfac_async=kfac_async, kfac_refine=kfac_refine,
-            **given,
+            kfac_stats_samples=kfac_stats_samples, **given,
         )  # fmt: skip
         self.kfac_clip: float = knobs["kfac_clip"]
         self.kfac_damping: float = knobs["kfac_damping"]
@@ -261,9 +262,10 @@ class ACKTR(OnPolicyAlgorithm):
         self.kfac_stats_interval: int = knobs["kfac_stats_interval"]
         self.kfac_cold_iter: int = knobs["kfac_cold_iter"]
         self.kfac_inverse: str = knobs["kfac_inverse"]
-        self.kfac_low_rank: int | None = knobs["kfac_low_rank"]
+        self.kfac_low_rank: int | str | None = knobs["kfac_low_rank"]
         self.kfac_async: bool = knobs["kfac_async"]
         self.kfac_refine: int = knobs["kfac_refine"]
+        self.kfac_stats_samples: int | None = knobs["kfac_stats_samples"]
 
         super().__init__(
             ent_coef=ent_coef,
@@ -318,6 +320,8 @@ class ACKTR(OnPolicyAlgorithm):
             kfac_low_rank=self.kfac_low_rank,
             kfac_async=self.kfac_async,
             kfac_refine=self.kfac_refine,
+            # a model saved before the knob existed has no attribute
+            kfac_stats_samples=getattr(self, "kfac_stats_samples", None),
             **step_rule,
         )
 
