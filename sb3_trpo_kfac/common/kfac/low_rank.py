@@ -176,5 +176,5 @@ class TwoSidedLowRankEigenCurvature(BlockCurvature):
         left, right = g.vectors.T @ mat, mat @ a.vectors
         core = (1.0 / (th.outer(g.values, a.values) + damping) - d_g[:, None] - d_a[None, :] - rest) * (left @ a.vectors)
         inner = th.addmm(left * d_g[:, None], core, a.vectors.T)
-        th.addmm(mat, g.vectors, inner, beta=rest, out=out)
-        out.addmm_(right * d_a, a.vectors.T)
+        # Q_G inner + (R ∘ d_A) Q_Aᵀ as one product: one pass over the output
+        th.addmm(mat, th.cat([g.vectors, right * d_a], 1), th.cat([inner, a.vectors.T], 0), beta=rest, out=out)

@@ -27,16 +27,12 @@ CURVATURE_TYPES: dict[tuple[str, bool], type[BlockCurvature]] = {
     ("inverse", False): InverseCurvature,
     ("inverse", True): LowRankInverseCurvature,
 }
+ALL_TYPES: tuple[type[BlockCurvature], ...] = (*CURVATURE_TYPES.values(), TwoSidedLowRankEigenCurvature)
 # keys of a block's entries in the optimizer's saved state: its factors and its decompositions
 STATE_KEYS = (
     "A",
     "G",
-    *dict.fromkeys(
-        k
-        for kind in (*CURVATURE_TYPES.values(), TwoSidedLowRankEigenCurvature)
-        for _, keys in kind.KEYS.values()
-        for k in keys
-    ),
+    *dict.fromkeys(k for kind in ALL_TYPES for _, keys in kind.KEYS.values() for k in keys),
 )
 
 
@@ -57,7 +53,7 @@ def curvature_types(
     :param low_rank_min_dim: smallest input-factor dimension that is kept low-rank (an integer ``low_rank``)
     :return: each block's curvature representation
     """
-    kinds = {}
+    kinds: dict[KFACBlock, type[BlockCurvature]] = {}
     rank = kept_eigenpairs(low_rank)
     for block in blocks:
         out_dim, in_dim = block.matrix_shape  # of G and A

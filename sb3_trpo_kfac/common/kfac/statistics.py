@@ -22,6 +22,11 @@ from sb3_trpo_kfac.common.kfac.schedule import KFACCounters
 SavedCall = tuple[nn.Module, th.Tensor, int, th.Tensor]
 
 
+def subsample_indices(n: int, k: int, seed: int) -> th.Tensor:
+    """``k`` of ``range(n)`` drawn uniformly without replacement by a generator seeded with ``seed``, sorted."""
+    return th.randperm(n, generator=th.Generator().manual_seed(seed))[:k].sort().values
+
+
 @dataclasses.dataclass
 class KroneckerFactors:
     """The running Kronecker factors of one block: ``A`` (input side, ``in + 1``) and ``G`` (output side, ``out``)."""
@@ -194,9 +199,9 @@ class FactorStatistics:
         n = x.shape[0]
         index = picked.get(n)
         if index is None:
-            generator = th.Generator().manual_seed(self.counters.stats_updates + self.counters.skipped_stats)
-            index = th.randperm(n, generator=generator)[: self.max_samples].sort().values.to(x.device)
-            picked[n] = index
+            assert self.max_samples is not None
+            seed = self.counters.stats_updates + self.counters.skipped_stats
+            index = picked[n] = subsample_indices(n, self.max_samples, seed).to(x.device)
         key = (x.data_ptr(), x._version, tuple(x.shape), x.stride())
         rows = picked.get(key)
         if rows is None:
