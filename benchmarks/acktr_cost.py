@@ -9,8 +9,18 @@ and a third, "entries": CartPole-v1 with each algorithm's shipped zoo entry, rea
 read, as benchmarks/acktr_sample_efficiency.py runs them (A2C: rl-zoo3's a2c.yml, 8 envs x 5 steps; ACKTR: our
 acktr.yml, 8 envs x 10 steps and extra critic steps), timed per environment step over the same number of steps.
 
+"defaults": what ``ACKTR(policy, env)`` costs against ``A2C(policy, env)``, constructor defaults on both sides, on the
+MLP case and on the CNN case with 8 envs: with the same n_steps (5, A2C's) and with each at its own default n_steps
+(ACKTR 20, A2C 5), timed over the same environment steps.
+
+"atari": PongNoFrameskip-v4 (AtariWrapper, 4 stacked frames) with both shipped ``atari`` entries, each as its zoo
+command runs it (ours: acktr.yml, 32 envs x 20 steps; rl-zoo3's a2c.yml: 16 envs x 5 steps, RMSpropTFLike), timed
+over the same environment steps: ``--block-atari`` ACKTR updates per round (whole cycles of its cadence). Needs
+``pip install -e '.[atari]'``.
+
     python benchmarks/acktr_cost.py [--rounds-mlp 100] [--rounds-cnn 30] [--block-mlp 8] [--block-cnn 10]
     python benchmarks/acktr_cost.py --cases entries
+    python benchmarks/acktr_cost.py --cases defaults atari [--rounds-defaults 10] [--rounds-atari 5]
     python benchmarks/acktr_cost.py --dry-run     # the settings of every model it would time, as JSON
 
 After a warm-up, the models are timed in turn (``time_in_turn`` of benchmarks/common.py), ``--block-*`` updates
@@ -50,6 +60,8 @@ from stable_baselines3.common.envs import FakeImageEnv
 
 from sb3_trpo_kfac.acktr import ACKTR
 
+ATARI_ENV = "PongNoFrameskip-v4"
+
 ACKTR_KWARGS: dict[str, dict[str, dict[str, Any]]] = {
     "mlp": {
         "fresh": dict(kfac_update=1, kfac_async=False),
@@ -71,10 +83,12 @@ ACKTR_KWARGS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-def make_env(case: str, seed: int):
+def make_env(case: str, seed: int, n_envs: int | None = None):
     if case == "mlp":
-        return make_vec_env("CartPole-v1", n_envs=8, seed=seed)
-    return make_vec_env(lambda: FakeImageEnv(screen_height=84, screen_width=84, n_channels=4), n_envs=16, seed=seed)
+        return make_vec_env("CartPole-v1", n_envs=n_envs or 8, seed=seed)
+    return make_vec_env(
+        lambda: FakeImageEnv(screen_height=84, screen_width=84, n_channels=4), n_envs=n_envs or 16, seed=seed
+    )
 
 
 def learn_updates(model: BaseAlgorithm, updates: int) -> None:
@@ -101,6 +115,51 @@ def print_ratio(label: str, a2c_times: list[float], acktr_times: list[float], st
         f"{per_round[len(per_round) // 2]:.3f})  {settings}",
         flush=True,
     )
+
+
+def time_same_steps(label: str, models: dict[str, BaseAlgorithm], block_updates: int, rounds: int) -> None:
+    """
+    Time per environment step of every model against "A2C" (the first), each running the environment steps of
+    ``block_updates`` updates of the model with the most steps per update, per round.
+    """
+    steps_per_update = {name: model.n_steps * model.n_envs for name, model in models.items()}  # type: ignore[attr-defined]
+    block_steps = block_updates * max(steps_per_update.values())
+    if any(block_steps % steps for steps in steps_per_update.values()):
+        raise ValueError(f"{label}: the models' steps per update do not divide {block_steps}")
+    times = time_models(models, {name: block_steps // steps for name, steps in steps_per_update.items()}, rounds)
+    for name, model in models.items():
+        if name != "A2C":
+            settings = f"n_envs {model.n_envs} x n_steps {model.n_steps}"  # type: ignore[attr-defined]
+            print_ratio(f"{label} {name}", times["A2C"], times[name], rounds * block_steps, settings)
+
+
+def time_defaults(rounds: int, block: int) -> None:
+    """The "defaults" case: ``ACKTR(policy, env)`` against ``A2C(policy, env)``, MLP and CNN with 8 envs."""
+    for case, policy in (("mlp", "MlpPolicy"), ("cnn", "CnnPolicy")):
+        models: dict[str, BaseAlgorithm] = {
+            "A2C": A2C(policy, make_env(case, 0, 8), seed=0, device="cpu"),
+            "ACKTR n_steps 5": ACKTR(policy, make_env(case, 0, 8), n_steps=5, seed=0, device="cpu"),
+            "ACKTR (own n_steps 20)": ACKTR(policy, make_env(case, 0, 8), seed=0, device="cpu"),
+        }
+        time_same_steps(f"defaults {case}", models, block, rounds)
+
+
+def atari_entries() -> dict[str, ZooEntry]:
+    """The two shipped ``atari`` entries on Pong, each as its zoo command runs it."""
+    return {
+        "A2C": zoo_entry("a2c", ATARI_ENV, RL_ZOO3, entry_name="atari"),
+        "ACKTR": zoo_entry("acktr", ATARI_ENV, OURS, entry_name="atari"),
+    }
+
+
+def time_atari(rounds: int, block: int) -> None:
+    """The "atari" case: ``block`` ACKTR updates per round, A2C running as many environment steps."""
+    classes = {"A2C": A2C, "ACKTR": ACKTR}
+    models: dict[str, BaseAlgorithm] = {
+        name: classes[name](entry.policy, entry.make_env(0), seed=0, device="cpu", **entry.kwargs)
+        for name, entry in atari_entries().items()
+    }
+    time_same_steps("atari", models, block, rounds)
 
 
 def entries() -> dict[str, ZooEntry]:
@@ -132,7 +191,15 @@ def main() -> None:
         "--block-mlp", type=int, default=8, help="updates per model and round, MLP case (entries: ACKTR's updates)"
     )
     parser.add_argument("--block-cnn", type=int, default=10, help="updates per model and round, CNN case")
-    parser.add_argument("--cases", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn", "entries"])
+    parser.add_argument("--rounds-defaults", type=int, default=10)
+    parser.add_argument(
+        "--block-defaults", type=int, default=10, help="defaults case: ACKTR updates at n_steps 20 per round"
+    )
+    parser.add_argument("--rounds-atari", type=int, default=5)
+    parser.add_argument("--block-atari", type=int, default=10, help="atari case: ACKTR updates per round")
+    parser.add_argument(
+        "--cases", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn", "entries", "defaults", "atari"]
+    )
     parser.add_argument("--only", nargs="+", default=None, help="ACKTR rows to time (default: all of the case)")
     parser.add_argument("--dry-run", action="store_true", help="print the settings of every model to time, run nothing")
     args = parser.parse_args()
@@ -140,9 +207,12 @@ def main() -> None:
 
     if args.dry_run:
         for case in args.cases:
-            if case == "entries":
-                for name, entry in entries().items():
+            if case in ("entries", "atari"):
+                for name, entry in (entries() if case == "entries" else atari_entries()).items():
                     print(entry.describe(case=case, model=name))
+                continue
+            if case == "defaults":
+                print(json.dumps(dict(case=case, models=["A2C()", "ACKTR(n_steps=5)", "ACKTR()"], n_envs=8)))
                 continue
             rows = {
                 label: kwargs for label, kwargs in ACKTR_KWARGS[case].items() if args.only is None or label in args.only
@@ -153,6 +223,12 @@ def main() -> None:
     for case in args.cases:
         if case == "entries":
             time_entries(args.rounds_mlp, args.block_mlp)
+            continue
+        if case == "defaults":
+            time_defaults(args.rounds_defaults, args.block_defaults)
+            continue
+        if case == "atari":
+            time_atari(args.rounds_atari, args.block_atari)
             continue
         policy = "MlpPolicy" if case == "mlp" else "CnnPolicy"
         block = args.block_mlp if case == "mlp" else args.block_cnn

@@ -37,7 +37,7 @@ ZOO_KEYS = (
     "monitor_kwargs",
 )
 # Zoo keys no benchmark needs yet: refused rather than silently dropped, so a benchmark never runs less than the entry.
-UNSUPPORTED_KEYS = ("frame_stack", "env_kwargs", "vec_env_wrapper", "callback", "monitor_kwargs")
+UNSUPPORTED_KEYS = ("env_kwargs", "vec_env_wrapper", "callback", "monitor_kwargs")
 # The keywords rl-zoo3 turns from "lin_<value>" into a linear schedule (ExperimentManager._preprocess_schedules).
 SCHEDULE_KEYS = ("learning_rate", "clip_range", "clip_range_vf", "delta_std")
 
@@ -106,6 +106,7 @@ class ZooEntry:
     :param n_timesteps: the entry's training budget
     :param normalize: ``VecNormalize`` keywords, or None when the entry does not normalize
     :param env_wrapper: the entry's ``env_wrapper`` as written, or None
+    :param frame_stack: the entry's ``frame_stack`` (frames stacked by ``VecFrameStack``), or None
     """
 
     algo: str
@@ -118,25 +119,33 @@ class ZooEntry:
     n_timesteps: int
     normalize: dict[str, Any] | None
     env_wrapper: Any = None
+    frame_stack: int | None = None
 
     def make_env(self, seed: int) -> Any:
         """
         The training environments as rl-zoo3 builds them for this entry: ``n_envs`` copies, each in a ``Monitor``
-        inside the entry's wrapper, the whole in ``VecNormalize`` when the entry normalizes.
+        inside the entry's wrapper, the whole in ``VecNormalize`` when the entry normalizes, then in ``VecFrameStack``
+        when it stacks frames.
 
         :param seed: the seed of the first environment (the others get the next ones)
         :return: the ``VecEnv``
         """
         from stable_baselines3.common.env_util import make_vec_env
-        from stable_baselines3.common.vec_env import VecNormalize
+        from stable_baselines3.common.vec_env import VecFrameStack, VecNormalize
 
+        if self.env_id.endswith("NoFrameskip-v4") or self.env_id.startswith("ALE/"):
+            import ale_py  # the Atari envs register on import (as rl_zoo3.import_envs does)
+            import gymnasium
+
+            gymnasium.register_envs(ale_py)
         wrapper_class = None
         if self.env_wrapper is not None:
             from rl_zoo3.utils import get_wrapper_class
 
             wrapper_class = get_wrapper_class({"env_wrapper": self.env_wrapper})
         env = make_vec_env(self.env_id, n_envs=self.n_envs, seed=seed, wrapper_class=wrapper_class)
-        return env if self.normalize is None else VecNormalize(env, **self.normalize)
+        env = env if self.normalize is None else VecNormalize(env, **self.normalize)
+        return env if self.frame_stack is None else VecFrameStack(env, self.frame_stack)
 
     def describe(self, **extra: Any) -> str:
         """
@@ -177,20 +186,29 @@ def _normalize_kwargs(settings: dict[str, Any]) -> dict[str, Any] | None:
     return kwargs
 
 
-def zoo_entry(algo: str, env_id: str, shipped_by: str = OURS, overrides: Mapping[str, Any] | None = None) -> ZooEntry:
+def zoo_entry(
+    algo: str,
+    env_id: str,
+    shipped_by: str = OURS,
+    overrides: Mapping[str, Any] | None = None,
+    entry_name: str | None = None,
+) -> ZooEntry:
     """
     The settings a zoo command trains ``algo`` on ``env_id`` with, for a benchmark to run them itself.
 
     :param algo: the zoo's algorithm name
-    :param env_id: an env with its own entry in the file (the zoo's "default" and "atari" fallbacks are not used)
+    :param env_id: the env to train on
     :param shipped_by: ``OURS`` or ``RL_ZOO3``
     :param overrides: entry keys to replace or add before the entry is split (as rl-zoo3's ``--hyperparams``)
+    :param entry_name: the entry to read (default: ``env_id``'s own; e.g. ``"atari"``, which rl-zoo3 uses for any
+        Atari env without an entry of its own: the zoo's fallbacks are never chosen implicitly here)
     :return: the entry
     """
     entries = zoo_entries(algo, shipped_by)
-    if env_id not in entries:
-        raise ValueError(f"env_id {env_id!r} has no {algo} entry in {hyperparams_file(algo, shipped_by)}")
-    settings = {**entries[env_id], **(overrides or {})}
+    name = env_id if entry_name is None else entry_name
+    if name not in entries:
+        raise ValueError(f"{name!r} has no {algo} entry in {hyperparams_file(algo, shipped_by)}")
+    settings = {**entries[name], **(overrides or {})}
     unsupported = [key for key in UNSUPPORTED_KEYS if key in settings]
     if unsupported:
         raise ValueError(f"{algo} {env_id}: the benchmarks do not apply the entry keys {unsupported}")
@@ -198,8 +216,11 @@ def zoo_entry(algo: str, env_id: str, shipped_by: str = OURS, overrides: Mapping
     kwargs = {key: value for key, value in kwargs.items() if key not in ZOO_KEYS}
     if isinstance(kwargs.get("policy_kwargs"), str):  # e.g. "dict(net_arch=[256, 256])", evaluated as rl-zoo3 does
         import torch as th
+        from stable_baselines3.common.sb2_compat.rmsprop_tf_like import RMSpropTFLike
 
-        kwargs["policy_kwargs"] = eval(kwargs["policy_kwargs"], {"th": th, "nn": th.nn})
+        # the names rl-zoo3's exp_manager has in scope when it evaluates the entry (its Atari entries name RMSpropTFLike)
+        names = {"th": th, "nn": th.nn, "RMSpropTFLike": RMSpropTFLike}
+        kwargs["policy_kwargs"] = eval(kwargs["policy_kwargs"], names)
     return ZooEntry(
         algo=algo,
         env_id=env_id,
@@ -211,6 +232,7 @@ def zoo_entry(algo: str, env_id: str, shipped_by: str = OURS, overrides: Mapping
         n_timesteps=int(settings["n_timesteps"]),
         normalize=_normalize_kwargs(settings),
         env_wrapper=settings.get("env_wrapper"),
+        frame_stack=settings.get("frame_stack"),
     )
 
 

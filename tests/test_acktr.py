@@ -39,7 +39,8 @@ def test_action_spaces_run(env_fn):
     optimizer = model.policy.optimizer
     assert isinstance(optimizer, KFAC)
     assert optimizer.counters["updates"] == 256 // 8
-    assert optimizer.counters["stats_updates"] == 256 // 8
+    # the default cadence: statistics at updates 0, 10, 20, 30
+    assert optimizer.counters["stats_updates"] == len(range(0, 256 // 8, model.kfac_stats_interval)) == 4
     assert all(th.isfinite(p).all() for p in model.policy.parameters())
     # every Linear of the policy is a K-FAC block with statistics
     assert len(optimizer.blocks) == 4
@@ -276,7 +277,7 @@ def test_vf_kfac_clip_gives_the_critic_its_own_trust_region(monkeypatch, momentu
 def test_refined_steps_keep_each_trust_region(monkeypatch):
     model = ACKTR(
         "MlpPolicy", IdentityEnvBox(eps=0.5), n_steps=8, kfac_clip=0.001, vf_kfac_clip=0.5, kfac_update=100,
-        kfac_refine=2, policy_kwargs=TINY, seed=0, device="cpu",
+        kfac_stats_interval=1, kfac_refine=2, policy_kwargs=TINY, seed=0, device="cpu",
     )
     optimizer = model.policy.optimizer
     refined, solver = [], optimizer.preconditioner.solver
@@ -317,7 +318,10 @@ def test_extra_critic_steps_fit_the_value_and_leave_the_actor():
 def test_async_decomposition_is_deterministic_and_learns_like_sync_at_first():
     def run(kfac_async: bool, seed: int = 0) -> ACKTR:
         env = make_vec_env("CartPole-v1", n_envs=2, seed=seed)
-        model = ACKTR("MlpPolicy", env, n_steps=8, kfac_async=kfac_async, policy_kwargs=TINY, seed=seed, device="cpu")
+        model = ACKTR(
+            "MlpPolicy", env, n_steps=8, kfac_async=kfac_async, kfac_stats_interval=1, kfac_update=1,
+            policy_kwargs=TINY, seed=seed, device="cpu",
+        )  # fmt: skip
         return model.learn(8 * 2 * 6)
 
     first, second, sync = run(True), run(True), run(False)

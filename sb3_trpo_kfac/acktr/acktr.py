@@ -48,7 +48,11 @@ class ACKTR(OnPolicyAlgorithm):
     Paper: https://arxiv.org/abs/1708.05144 (Wu et al. 2017). Defaults follow OpenAI baselines / Stable-Baselines 2
     (learning rate 0.25, ``kfac_clip`` 0.001, momentum 0.9, ``kfac_damping`` 0.01, ``kfac_stats_decay`` 0.99,
     ``vf_fisher_coef`` 1.0, ``n_steps`` 20, ``ent_coef`` 0.01, ``vf_coef`` 0.25) except where noted
-    (``kfac_cold_iter``: 0 here, 10 in baselines' Atari ACKTR; see below). The K-FAC knobs have the names and the
+    (``kfac_cold_iter``: 0 here, 10 in baselines' Atari ACKTR; see below) and for the K-FAC cadence, chosen so that
+    an update costs about what A2C's does: statistics every 10 updates from at most 128 samples of the batch,
+    decompositions right after them, and only layers of more than 2²⁰ parameters kept low-rank
+    (``kfac_stats_interval=10, kfac_update=10, kfac_stats_samples=128, kfac_low_rank="auto"``; SB2 and baselines:
+    ``1, 1, None, None``). The K-FAC knobs have the names and the
     checks they have in ``KFAC``; ``damping``, ``stats_decay`` and ``cold_iter`` are their former names, still
     accepted (with a DeprecationWarning) and read from models saved with them.
 
@@ -115,14 +119,20 @@ class ACKTR(OnPolicyAlgorithm):
     :param kfac_stats_decay: Running-average factor of the Kronecker factors, per update
     :param kfac_update: Recompute the eigendecompositions (or inverses) of the factors every this many updates
         (at the first update with new statistics once this many have passed, so with ``kfac_stats_interval``
-        they follow the statistics)
-    :param kfac_stats_interval: Update the K-FAC statistics every this many updates (1: every update; larger
-        values save the extra backward pass and factor products). The running averages then decay by
-        ``kfac_stats_decay ** kfac_stats_interval`` per statistics update, so their memory in updates is unchanged.
+        they follow the statistics). Default 10: right after each statistics update (1: SB2's and baselines')
+    :param kfac_stats_interval: Update the K-FAC statistics every this many updates (1: every update, as SB2 and
+        baselines; larger values save the extra backward pass and factor products). The running averages then decay
+        by ``kfac_stats_decay ** kfac_stats_interval`` per statistics update, so their memory in updates is unchanged.
+        Default 10: with ``kfac_update=10`` the K-FAC overhead per update is a tenth of the paper's cadence (see
+        docs/performance.md for the cost and the learning measured with it)
     :param kfac_inverse: ``"eigen"`` (exact damping via eigendecompositions) or ``"inverse"`` (factored
         damping with plain inverses, cheaper for large layers)
-    :param kfac_low_rank: If set, input factors larger than 1024 keep only this many eigenpairs (plus the mean
-        of the others): cheaper solves for large layers such as NatureCNN's 3136 -> 512 (see ``KFAC``)
+    :param kfac_low_rank: If an int, input factors larger than 1024 keep only this many eigenpairs (plus the mean
+        of the others): cheaper solves for large layers such as NatureCNN's 3136 -> 512 (see ``KFAC``). ``"auto"``
+        (default): only layers of more than 2²⁰ parameters (NatureCNN's 3136 -> 512; none of the default MLPs) keep 64
+        eigenpairs of each factor (with ``kfac_inverse="eigen"``; of the input factor with ``"inverse"``), which
+        replaces the eigendecomposition of a 3137 x 3137 matrix and the solve's products with it by products with 64
+        vectors; every other layer is solved exactly. None: every factor in full (SB2's)
     :param kfac_async: Compute the eigendecompositions (or inverses) in a background thread, overlapped with
         the next rollout: each update then uses the basis of the previous update's statistics (the first one is
         computed synchronously). Deterministic; it needs a free second CPU core to pay off. Off by default (it
@@ -131,6 +141,11 @@ class ACKTR(OnPolicyAlgorithm):
     :param kfac_refine: Conjugate-gradient iterations on the current K-FAC factors, preconditioned by the last
         decomposition, in the updates whose statistics are newer than it: with ``kfac_update > 1`` or ``kfac_async``
         the step then follows the current statistics although the decompositions lag behind. 0 (default): none.
+    :param kfac_stats_samples: Each statistics update estimates the factors from at most this many samples of the
+        batch, drawn uniformly without replacement (an unbiased estimate of the whole batch's factors; the backward
+        that gives the layer-output gradients still runs on the whole batch). Default 128: it matters for large
+        batches of images (the conv patches make the factor products of one sample cost about twice an A2C update's
+        arithmetic on it); None: every sample (SB2's)
     :param vf_fisher_coef: Weight c of the value term ``c · Σ (V − sg(V + ε))²`` of the Fisher loss; the value
         output's Fisher is then ``4 c²`` (baselines' convention), not 1
     :param kfac_cold_iter: Number of initial updates done without preconditioning (gradient clipped to
@@ -184,12 +199,13 @@ class ACKTR(OnPolicyAlgorithm):
         kfac_damping: float = 0.01,
         momentum: float = 0.9,
         kfac_stats_decay: float = 0.99,
-        kfac_update: int = 1,
-        kfac_stats_interval: int = 1,
+        kfac_update: int = 10,
+        kfac_stats_interval: int = 10,
         kfac_inverse: str = "eigen",
-        kfac_low_rank: int | None = None,
+        kfac_low_rank: int | str | None = "auto",
         kfac_async: bool = False,
         kfac_refine: int = 0,
+        kfac_stats_samples: int | None = 128,
         vf_fisher_coef: float = 1.0,
         kfac_cold_iter: int = 0,
         stats_window_size: int = 100,
@@ -252,7 +268,7 @@ class ACKTR(OnPolicyAlgorithm):
         knobs = check_kfac_arguments(
             kfac_clip=kfac_clip, kfac_update=kfac_update, kfac_stats_interval=kfac_stats_interval,
             kfac_inverse=kfac_inverse, kfac_low_rank=kfac_low_rank, kfac_async=kfac_async, kfac_refine=kfac_refine,
-            **given,
+            kfac_stats_samples=kfac_stats_samples, **given,
         )  # fmt: skip
         self.kfac_clip: float = knobs["kfac_clip"]
         self.kfac_damping: float = knobs["kfac_damping"]
@@ -261,9 +277,10 @@ class ACKTR(OnPolicyAlgorithm):
         self.kfac_stats_interval: int = knobs["kfac_stats_interval"]
         self.kfac_cold_iter: int = knobs["kfac_cold_iter"]
         self.kfac_inverse: str = knobs["kfac_inverse"]
-        self.kfac_low_rank: int | None = knobs["kfac_low_rank"]
+        self.kfac_low_rank: int | str | None = knobs["kfac_low_rank"]
         self.kfac_async: bool = knobs["kfac_async"]
         self.kfac_refine: int = knobs["kfac_refine"]
+        self.kfac_stats_samples: int | None = knobs["kfac_stats_samples"]
 
         super().__init__(
             ent_coef=ent_coef,
@@ -318,6 +335,8 @@ class ACKTR(OnPolicyAlgorithm):
             kfac_low_rank=self.kfac_low_rank,
             kfac_async=self.kfac_async,
             kfac_refine=self.kfac_refine,
+            # a model saved before the knob existed has no attribute
+            kfac_stats_samples=getattr(self, "kfac_stats_samples", None),
             **step_rule,
         )
 

@@ -58,6 +58,10 @@ class KFACBlock(ABC):
         # a view always (a reshape could copy); for a Linear the shape is already the weight's
         return weight_part.view(self.weight.shape), None if self.bias is None else mat[:, -1]
 
+    def batched(self, x: th.Tensor) -> bool:
+        """Whether a call's input has a leading sample dimension."""
+        return x.dim() > 1
+
     def input_moment(self, rows: th.Tensor) -> th.Tensor:
         """``Σ ā āᵀ`` over the rows, ``ā = [a, 1]`` if the block has a bias."""
         if self.bias is not None:
@@ -106,6 +110,9 @@ class Conv2dBlock(KFACBlock):
         if conv.padding == "same":
             return "uses padding='same'"
         return None
+
+    def batched(self, x: th.Tensor) -> bool:
+        return x.dim() == 4
 
     @staticmethod
     def patches(conv: nn.Conv2d, x: th.Tensor) -> th.Tensor:

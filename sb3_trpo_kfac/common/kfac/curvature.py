@@ -183,6 +183,10 @@ class BlockCurvature(ABC):
     def solve(self, mat: th.Tensor, damping: float) -> th.Tensor:
         """``(A ⊗ G + λI)⁻¹ vec(mat)`` for one ``out x (in + 1)`` matrix (only if :attr:`ready`)."""
 
+    def solve_into(self, mat: th.Tensor, damping: float, out: th.Tensor) -> None:
+        """:meth:`solve` written into ``out`` (a representation that can avoid the temporary overrides this)."""
+        out.copy_(self.solve(mat, damping))
+
     @classmethod
     def stack(cls, curvatures: list[Any], damping: float) -> tuple[th.Tensor, ...]:
         """The solve factors of same-shape blocks, stacked for :meth:`solve_stacked` (:attr:`stackable` only)."""

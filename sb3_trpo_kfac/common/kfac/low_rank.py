@@ -1,7 +1,8 @@
 """
 Low-rank input factors: a large ``A`` (e.g. NatureCNN's 3137 x 3137) kept as its top eigenpairs ``(Λ_r, Q_r)`` and the
 mean ``σ`` of its remaining eigenvalues on their complement, so a solve costs ``O(out · in · rank)`` instead of
-``O(out · in²)``. Exact when ``A`` has rank <= ``rank``.
+``O(out · in²)``. Exact when ``A`` has rank <= ``rank``. :class:`TwoSidedLowRankEigenCurvature` keeps ``G`` that way
+too, for layers whose output side is large as well (NatureCNN's 512): a solve then costs ``O(out · in · ranks)``.
 """
 
 import dataclasses
@@ -21,13 +22,23 @@ from sb3_trpo_kfac.common.kfac.curvature import (
 from sb3_trpo_kfac.common.kfac.inverse import inverse_failure
 from sb3_trpo_kfac.common.kfac.statistics import KroneckerFactors
 
+# kfac_low_rank="auto": blocks with more than AUTO_MIN_SIZE parameters (NatureCNN's 3136 -> 512 layer, not its convs
+# nor usual MLP layers) keep AUTO_RANK eigenpairs of each factor larger than that, the rest stays exact
+AUTO_RANK = 64
+AUTO_MIN_SIZE = 2**20
+
 
 def _top_eigen(
-    name: str, factors: KroneckerFactors, rank: int | None, previous: LowRankEigen | None, failures: list[str]
+    name: str,
+    factors: KroneckerFactors,
+    rank: int | None,
+    previous: LowRankEigen | None,
+    failures: list[str],
+    side: str = "a",
 ) -> LowRankEigen | None:
-    """The new top eigenpairs of ``A``, or the previous ones (with a message) if the subspace iteration failed."""
+    """The new top eigenpairs of a factor, or the previous ones (with a message) if the subspace iteration failed."""
     assert rank is not None
-    result = top_eigen(factors.a, rank, previous)
+    result = top_eigen(getattr(factors, side), rank, previous)
     if result is None:
         failures.append(f"KFAC: low-rank eigendecomposition of a factor of {name} failed; keeping the previous basis")
         return previous
@@ -115,3 +126,55 @@ class LowRankInverseCurvature(BlockCurvature):
         q_a, (kept, rest) = self.a.vectors, self.weights
         left = self.g @ mat
         return ((left @ q_a) * (kept - rest)) @ q_a.T + left * rest
+
+
+@dataclasses.dataclass(frozen=True)
+class TwoSidedLowRankEigenCurvature(BlockCurvature):
+    """
+    Exact damping with both factors low-rank: ``A ⊗ G + λI`` has eigenvalues ``λ_G λ_Aᵀ + λ`` on pairs of kept
+    eigenvectors, ``λ_G σ_A + λ`` and ``σ_G λ_A + λ`` on a kept one beside the other factor's complement, and
+    ``σ_G σ_A + λ`` on the two complements. With ``L = Q_Gᵀ M``, ``R = M Q_A``, ``P = L Q_A``, the four parts of ``M``
+    each scaled by its eigenvalue sum to ``c M + Q_G (d_G ∘ L + X Q_Aᵀ) + (R ∘ d_A) Q_Aᵀ`` (``c = 1 / (σ_G σ_A + λ)``,
+    ``d`` and ``X`` below): four products of ``M``'s size times a rank.
+    """
+
+    a: LowRankEigen | None = None
+    g: LowRankEigen | None = None
+
+    reads = ("a", "g")
+    KEYS: ClassVar[dict[str, tuple[FieldKind, tuple[str, ...]]]] = {
+        "a": (LowRankEigen, ("dA", "QA", "sA")),
+        "g": (LowRankEigen, ("dG", "QG", "sG")),
+    }
+
+    @property
+    def ready(self) -> bool:
+        return self.a is not None and self.g is not None
+
+    def compute(
+        self, name: str, factors: KroneckerFactors, damping: float, rank: int | None, failures: list[str]
+    ) -> dict[str, Any]:
+        out = {}
+        for side in ("a", "g"):
+            found = _top_eigen(name, factors, rank, getattr(self, side), failures, side)
+            if found is not None:
+                out[side] = found
+        return out
+
+    def solve(self, mat: th.Tensor, damping: float) -> th.Tensor:
+        out = th.empty_like(mat)
+        self.solve_into(mat, damping, out)
+        return out
+
+    def solve_into(self, mat: th.Tensor, damping: float, out: th.Tensor) -> None:
+        # into the caller's buffer: a fresh matrix of this size costs page faults comparable to a product
+        assert self.a is not None and self.g is not None
+        a, g = self.a, self.g
+        rest = 1.0 / (float(g.rest) * float(a.rest) + damping)
+        d_g = 1.0 / (g.values * a.rest + damping) - rest  # kept G side, A's complement, minus the complements'
+        d_a = 1.0 / (g.rest * a.values + damping) - rest
+        left, right = g.vectors.T @ mat, mat @ a.vectors
+        core = (1.0 / (th.outer(g.values, a.values) + damping) - d_g[:, None] - d_a[None, :] - rest) * (left @ a.vectors)
+        inner = th.addmm(left * d_g[:, None], core, a.vectors.T)
+        # Q_G inner + (R ∘ d_A) Q_Aᵀ as one product: one pass over the output
+        th.addmm(mat, th.cat([g.vectors, right * d_a], 1), th.cat([inner, a.vectors.T], 0), beta=rest, out=out)

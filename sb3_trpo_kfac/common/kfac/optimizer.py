@@ -68,10 +68,12 @@ class KFAC(th.optim.Optimizer):
     :param kfac_cold_iter: number of initial cold-start steps (clipped gradient, no preconditioning)
     :param kfac_cold_max_grad_norm: global gradient-norm clip of the cold-start steps
     :param kfac_inverse: ``"eigen"`` or ``"inverse"``
-    :param kfac_low_rank: number of eigenpairs kept of input factors above ``kfac_low_rank_min_dim`` (None: all)
+    :param kfac_low_rank: number of eigenpairs kept of input factors above ``kfac_low_rank_min_dim`` (None: all;
+        ``"auto"``: 64 of each factor of the blocks with more than 2²⁰ parameters, see :class:`KFACPreconditioner`)
     :param kfac_low_rank_min_dim: smallest input-factor dimension that uses ``kfac_low_rank``
     :param kfac_async: compute the curvature in a background thread, one update late
     :param kfac_refine: CG iterations on the current factors when they are newer than the curvature
+    :param kfac_stats_samples: statistics from at most this many random samples of each batch (None: all)
     :param modules: layers to cover (default: every ``nn.Linear`` / ``nn.Conv2d`` in ``model``)
     :param params: parameters (default: all of ``model``'s that require grad) or parameter groups
     :param optimizer_class: the step rule, a ``torch.optim.Optimizer`` class (None: the paper's momentum SGD)
@@ -95,10 +97,11 @@ class KFAC(th.optim.Optimizer):
         kfac_cold_iter: int = 0,
         kfac_cold_max_grad_norm: float = 0.5,
         kfac_inverse: str = "eigen",
-        kfac_low_rank: int | None = None,
+        kfac_low_rank: int | str | None = None,
         kfac_low_rank_min_dim: int = 1024,
         kfac_async: bool = False,
         kfac_refine: int = 0,
+        kfac_stats_samples: int | None = None,
         modules: Iterable[nn.Module] | None = None,
         params: Iterable[Any] | None = None,
         optimizer_class: type[th.optim.Optimizer] | None = None,
@@ -110,6 +113,7 @@ class KFAC(th.optim.Optimizer):
             kfac_stats_interval=kfac_stats_interval, kfac_update=kfac_update, kfac_cold_iter=kfac_cold_iter,
             kfac_cold_max_grad_norm=kfac_cold_max_grad_norm, kfac_inverse=kfac_inverse, kfac_low_rank=kfac_low_rank,
             kfac_low_rank_min_dim=kfac_low_rank_min_dim, kfac_async=kfac_async, kfac_refine=kfac_refine,
+            kfac_stats_samples=kfac_stats_samples,
         )  # fmt: skip
         defaults = {name: parameter.default for name, parameter in inspect.signature(KFAC.__init__).parameters.items()}
         knobs.update(renamed_keywords("KFAC", renamed, RENAMED, {k: (v, defaults[k]) for k, v in knobs.items()}))

@@ -8,7 +8,16 @@ from collections.abc import Callable
 from typing import Any
 
 from sb3_trpo_kfac.common.kfac.curvature import INVERSE_MODES
-from sb3_trpo_kfac.common.validation import check_bool, check_choice, check_float, check_int
+from sb3_trpo_kfac.common.validation import ArgumentError, check_bool, check_choice, check_float, check_int
+
+
+def _check_low_rank(name: str, value: Any) -> int | str | None:
+    if value is None or (isinstance(value, str) and value == "auto"):
+        return value
+    if isinstance(value, str):
+        raise ArgumentError(f"`{name}` must be an int >= 1, None or 'auto', got {value!r}")
+    return check_int(name, value, 1)
+
 
 # per knob: its check, returning the value as a Python number / bool / str
 _CHECKS: dict[str, Callable[[str, Any], Any]] = {
@@ -22,7 +31,8 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     # inf: no clipping
     "kfac_cold_max_grad_norm": lambda name, value: check_float(name, value, 0.0, low_inclusive=False, allow_inf=True),
     "kfac_inverse": lambda name, value: check_choice(name, value, INVERSE_MODES),
-    "kfac_low_rank": lambda name, value: None if value is None else check_int(name, value, 1),
+    "kfac_low_rank": lambda name, value: _check_low_rank(name, value),
+    "kfac_stats_samples": lambda name, value: None if value is None else check_int(name, value, 1),
     "kfac_low_rank_min_dim": lambda name, value: check_int(name, value, 1),
     "kfac_async": check_bool,
     "kfac_refine": lambda name, value: check_int(name, value, 0),

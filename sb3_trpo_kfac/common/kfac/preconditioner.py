@@ -57,13 +57,17 @@ class KFACPreconditioner:
     :param kfac_cold_max_grad_norm: gradient-norm clip of the cold-start steps
     :param kfac_inverse: ``"eigen"`` (exact damping, :mod:`.eigen`) or ``"inverse"`` (factored damping, :mod:`.inverse`)
     :param kfac_low_rank: if set, input factors of dimension above ``kfac_low_rank_min_dim`` keep only their top
-        ``kfac_low_rank`` eigenpairs (:mod:`.low_rank`)
+        ``kfac_low_rank`` eigenpairs (:mod:`.low_rank`); ``"auto"``: the blocks of more than 2²⁰ parameters keep 64
+        eigenpairs of each factor above 64 (both factors with ``"eigen"``; see :func:`.state.curvature_types`)
     :param kfac_low_rank_min_dim: smallest input-factor dimension that uses ``kfac_low_rank``
     :param kfac_async: compute the curvature in a background thread (:mod:`.decomposition`): a step due for a refresh
         starts it on a copy of the factors and keeps the current curvature; the next step swaps the new one in (the
         first refresh is synchronous). Deterministic; it pays off with a free second core.
     :param kfac_refine: CG iterations on the current factors in steps whose statistics are newer than the curvature
         (:mod:`.solve`): with ``kfac_update > 1`` or ``kfac_async`` the steps then follow the statistics
+    :param kfac_stats_samples: if set, each statistics update estimates the factors from at most this many samples
+        of the batch, drawn at random without replacement (the same ones for every layer): an unbiased estimate of the
+        batch's factors at a fraction of the cost (:class:`.statistics.FactorStatistics`); None: every sample
     :param modules: layers to cover (default: every ``nn.Linear`` / ``nn.Conv2d`` in ``model``)
     """
 
@@ -81,10 +85,11 @@ class KFACPreconditioner:
         kfac_cold_iter: int = 0,
         kfac_cold_max_grad_norm: float = 0.5,
         kfac_inverse: str = "eigen",
-        kfac_low_rank: int | None = None,
+        kfac_low_rank: int | str | None = None,
         kfac_low_rank_min_dim: int = 1024,
         kfac_async: bool = False,
         kfac_refine: int = 0,
+        kfac_stats_samples: int | None = None,
         modules: Iterable[nn.Module] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -95,11 +100,13 @@ class KFACPreconditioner:
             kfac_stats_interval=kfac_stats_interval, kfac_update=kfac_update, kfac_cold_iter=kfac_cold_iter,
             kfac_cold_max_grad_norm=kfac_cold_max_grad_norm, kfac_inverse=kfac_inverse, kfac_low_rank=kfac_low_rank,
             kfac_low_rank_min_dim=kfac_low_rank_min_dim, kfac_async=kfac_async, kfac_refine=kfac_refine,
+            kfac_stats_samples=kfac_stats_samples,
         )  # fmt: skip
         self.kfac_clip: float = knobs["kfac_clip"]
         self.kfac_damping: float = knobs["kfac_damping"]
         self.kfac_cold_max_grad_norm: float = knobs["kfac_cold_max_grad_norm"]
-        self.kfac_low_rank: int | None = knobs["kfac_low_rank"]
+        self.kfac_low_rank: int | str | None = knobs["kfac_low_rank"]
+        self._rank = state.kept_eigenpairs(self.kfac_low_rank)  # of the low-rank factors
         self.kfac_async: bool = knobs["kfac_async"]
         self.kfac_refine: int = knobs["kfac_refine"]
 
@@ -111,7 +118,7 @@ class KFACPreconditioner:
         self.counters = KFACCounters()
         self.schedule = CurvatureSchedule(knobs["kfac_update"], knobs["kfac_cold_iter"], self.counters)
         decay = knobs["kfac_stats_decay"] ** knobs["kfac_stats_interval"]  # per statistics update
-        self.statistics = FactorStatistics(self.blocks, decay, self.counters)
+        self.statistics = FactorStatistics(self.blocks, decay, self.counters, knobs["kfac_stats_samples"])
         self.curvature_types = state.curvature_types(
             self.blocks, knobs["kfac_inverse"], self.kfac_low_rank, knobs["kfac_low_rank_min_dim"]
         )
@@ -160,7 +167,7 @@ class KFACPreconditioner:
         self.background.discard()
         self.follow_parameters()
         job = self._curvature_job(snapshot=False)
-        job.compute(self._block_damping(), self.kfac_low_rank)
+        job.compute(self._block_damping(), self._rank)
         self._apply(job, self.counters.stats_updates)
 
     def _curvature_job(self, snapshot: bool) -> CurvatureJob:
@@ -256,7 +263,7 @@ class KFACPreconditioner:
                 # computed in the background while the caller does other work (e.g. the next rollout); this step
                 # keeps the current curvature, the next one swaps the new one in
                 job, stats_updates = self._curvature_job(snapshot=True), self.counters.stats_updates
-                self.background.submit(job, self._block_damping(), self.kfac_low_rank, stats_updates)
+                self.background.submit(job, self._block_damping(), self._rank, stats_updates)
             else:
                 self.update_curvature()
 

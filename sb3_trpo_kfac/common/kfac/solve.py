@@ -65,23 +65,33 @@ class KroneckerSolver:
                     solved.update(batch.blocks)
                     continue
                 for block, gradient, direction in zip(batch.blocks, batch.gradients, batch.directions):
-                    result = self._solve_block(curvature[block], factors.get(block), gradient, damping, refine)
-                    direction.copy_(gradient if result is None else result)
-                    if result is not None:
+                    if self._solve_block(curvature[block], factors.get(block), gradient, damping, refine, direction):
                         solved.add(block)
+                    else:
+                        direction.copy_(gradient)
         return solved
 
     def _solve_block(
-        self, curvature: BlockCurvature, factors: KroneckerFactors | None, mat: th.Tensor, damping: float, refine: bool
-    ) -> th.Tensor | None:
-        """One block of a batch without stacked factors, or None if it has no curvature yet."""
+        self,
+        curvature: BlockCurvature,
+        factors: KroneckerFactors | None,
+        mat: th.Tensor,
+        damping: float,
+        refine: bool,
+        out: th.Tensor,
+    ) -> bool:
+        """One block of a batch without stacked factors, into ``out``; False if it has no curvature yet."""
         if not curvature.ready:
-            return None
+            return False
         if curvature.stackable and refine and factors is not None:
-            return self.refine(
-                type(curvature), curvature.stack([curvature], damping), [factors], mat.unsqueeze(0), damping
-            )[0]
-        return curvature.solve(mat, damping)
+            out.copy_(
+                self.refine(
+                    type(curvature), curvature.stack([curvature], damping), [factors], mat.unsqueeze(0), damping
+                )[0]
+            )
+        else:
+            curvature.solve_into(mat, damping, out)
+        return True
 
     def refine(
         self,

@@ -11,7 +11,13 @@ from sb3_trpo_kfac.common.kfac.blocks import KFACBlock
 from sb3_trpo_kfac.common.kfac.curvature import BlockCurvature
 from sb3_trpo_kfac.common.kfac.eigen import EigenCurvature
 from sb3_trpo_kfac.common.kfac.inverse import InverseCurvature
-from sb3_trpo_kfac.common.kfac.low_rank import LowRankEigenCurvature, LowRankInverseCurvature
+from sb3_trpo_kfac.common.kfac.low_rank import (
+    AUTO_MIN_SIZE,
+    AUTO_RANK,
+    LowRankEigenCurvature,
+    LowRankInverseCurvature,
+    TwoSidedLowRankEigenCurvature,
+)
 from sb3_trpo_kfac.common.kfac.statistics import KroneckerFactors
 
 # the curvature representation of a block, by kfac_inverse and whether its input factor is low-rank
@@ -21,30 +27,45 @@ CURVATURE_TYPES: dict[tuple[str, bool], type[BlockCurvature]] = {
     ("inverse", False): InverseCurvature,
     ("inverse", True): LowRankInverseCurvature,
 }
+ALL_TYPES: tuple[type[BlockCurvature], ...] = (*CURVATURE_TYPES.values(), TwoSidedLowRankEigenCurvature)
 # keys of a block's entries in the optimizer's saved state: its factors and its decompositions
 STATE_KEYS = (
     "A",
     "G",
-    *dict.fromkeys(k for kind in CURVATURE_TYPES.values() for _, keys in kind.KEYS.values() for k in keys),
+    *dict.fromkeys(k for kind in ALL_TYPES for _, keys in kind.KEYS.values() for k in keys),
 )
 
 
+def kept_eigenpairs(low_rank: int | str | None) -> int | None:
+    """The rank of the low-rank factors for a ``kfac_low_rank`` setting (``"auto"``: :data:`AUTO_RANK`)."""
+    return AUTO_RANK if low_rank == "auto" else low_rank  # type: ignore[return-value]
+
+
 def curvature_types(
-    blocks: list[KFACBlock], kfac_inverse: str, low_rank: int | None, low_rank_min_dim: int
+    blocks: list[KFACBlock], kfac_inverse: str, low_rank: int | str | None, low_rank_min_dim: int
 ) -> dict[KFACBlock, type[BlockCurvature]]:
     """
     :param blocks: the blocks
     :param kfac_inverse: ``"eigen"`` or ``"inverse"``
-    :param low_rank: eigenpairs kept of a large input factor, or None
-    :param low_rank_min_dim: smallest input-factor dimension that is kept low-rank
+    :param low_rank: eigenpairs kept of a large input factor, None, or ``"auto"``: in blocks of more than
+        :data:`AUTO_MIN_SIZE` parameters, :data:`AUTO_RANK` eigenpairs of each factor larger than that (both sides
+        with ``"eigen"``, the input side with ``"inverse"``), whatever ``low_rank_min_dim``
+    :param low_rank_min_dim: smallest input-factor dimension that is kept low-rank (an integer ``low_rank``)
     :return: each block's curvature representation
     """
-    kinds = {}
+    kinds: dict[KFACBlock, type[BlockCurvature]] = {}
+    rank = kept_eigenpairs(low_rank)
     for block in blocks:
-        dim = block.matrix_shape[1]  # of the input factor A
-        kinds[block] = CURVATURE_TYPES[
-            (kfac_inverse, low_rank is not None and dim > low_rank_min_dim and dim > low_rank)
-        ]
+        out_dim, in_dim = block.matrix_shape  # of G and A
+        if low_rank == "auto":
+            large = out_dim * in_dim > AUTO_MIN_SIZE
+            low_a, low_g = large and in_dim > AUTO_RANK, large and out_dim > AUTO_RANK
+        else:
+            low_a, low_g = rank is not None and in_dim > low_rank_min_dim and in_dim > rank, False
+        if low_a and low_g and kfac_inverse == "eigen":
+            kinds[block] = TwoSidedLowRankEigenCurvature
+        else:
+            kinds[block] = CURVATURE_TYPES[(kfac_inverse, low_a)]
     return kinds
 
 

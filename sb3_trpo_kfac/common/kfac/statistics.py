@@ -22,6 +22,11 @@ from sb3_trpo_kfac.common.kfac.schedule import KFACCounters
 SavedCall = tuple[nn.Module, th.Tensor, int, th.Tensor]
 
 
+def subsample_indices(n: int, k: int, seed: int) -> th.Tensor:
+    """``k`` of ``range(n)`` drawn uniformly without replacement by a generator seeded with ``seed``, sorted."""
+    return th.randperm(n, generator=th.Generator().manual_seed(seed))[:k].sort().values
+
+
 @dataclasses.dataclass
 class KroneckerFactors:
     """The running Kronecker factors of one block: ``A`` (input side, ``in + 1``) and ``G`` (output side, ``out``)."""
@@ -42,15 +47,25 @@ class FactorStatistics:
     equivalent 1x1 Conv2d thus get the same factors. Running averages: ``A ← ρ A + (1 − ρ) A_batch``, initialised by
     the first batch.
 
+    With ``max_samples``, ``A_batch`` and ``G_batch`` are the means over ``max_samples`` of the ``N`` samples, drawn
+    uniformly without replacement (the same for every layer and call with ``N`` samples): each is then an unbiased
+    estimate of the full batch's mean, at ``max_samples / N`` of the cost of the factor products (the backward that
+    gives ``δ`` still runs on the whole batch). The draw comes from a generator seeded with the number of statistics
+    updates so far: deterministic, independent of torch's global random state, and the same after a reload.
+
     :param blocks: the blocks
     :param stats_decay: ρ
     :param counters: counts successful and refused updates
+    :param max_samples: samples per statistics update (None: all)
     """
 
-    def __init__(self, blocks: list[KFACBlock], stats_decay: float, counters: KFACCounters) -> None:
+    def __init__(
+        self, blocks: list[KFACBlock], stats_decay: float, counters: KFACCounters, max_samples: int | None = None
+    ) -> None:
         self.blocks = blocks
         self.stats_decay = stats_decay
         self.counters = counters
+        self.max_samples = max_samples
         self.factors: dict[KFACBlock, KroneckerFactors] = {}
         self._saved: dict[KFACBlock, list[SavedCall]] = {}
         # forward hooks exist only inside collect(): a module with hooks takes a slower call path, which every
@@ -137,10 +152,13 @@ class FactorStatistics:
         # per block: [Σ ā āᵀ, Σ δ δᵀ, rows, N] over its calls
         sums: dict[KFACBlock, list[Any]] = {}
         shared: dict[tuple[object, ...], th.Tensor] = {}
+        picked: dict[Any, th.Tensor] = {}
         with th.no_grad():
             for (block, module, x, _), delta in zip(calls, deltas):
                 if delta is None:
                     continue
+                if self.max_samples is not None and block.batched(x) and x.shape[0] > self.max_samples:
+                    x, delta = self._subsample(x, delta, picked)
                 a_sum, g_sum, rows, n_samples = block.call_moments(module, x, delta, shared)
                 acc = sums.get(block)
                 if acc is None:
@@ -166,18 +184,39 @@ class FactorStatistics:
                 self.counters.skipped_stats += 1
                 warnings.warn("KFAC.update_statistics: non-finite statistics were ignored")
                 return False
-            # batch means (out of place: blocks fed the same input share one moment tensor), one _foreach call
-            means = th._foreach_div(moments, [float(n_samples) for *_, n_samples in sums.values() for _ in range(2)])
-            self._fold(list(sums), means[::2], means[1::2])
+            # batch means, in place (a fresh copy of a large factor costs as much as the division): once per tensor,
+            # since blocks fed the same input share one moment tensor; one _foreach call
+            counts = [float(n_samples) for *_, n_samples in sums.values() for _ in range(2)]
+            unique = {id(t): (t, n) for t, n in zip(moments, counts)}
+            th._foreach_div_([t for t, _ in unique.values()], [n for _, n in unique.values()])
+            self._fold(list(sums), moments[::2], moments[1::2])
         self.counters.stats_updates += 1
         return True
+
+    def _subsample(self, x: th.Tensor, delta: th.Tensor, picked: dict[Any, th.Tensor]) -> tuple[th.Tensor, th.Tensor]:
+        """The rows of ``max_samples`` random samples of a call; ``picked`` keeps the draw per ``N`` and the picked
+        inputs, so that blocks fed the same input still share its moment (:meth:`LinearBlock.call_moments`)."""
+        n = x.shape[0]
+        index = picked.get(n)
+        if index is None:
+            assert self.max_samples is not None
+            seed = self.counters.stats_updates + self.counters.skipped_stats
+            index = picked[n] = subsample_indices(n, self.max_samples, seed).to(x.device)
+        key = (x.data_ptr(), x._version, tuple(x.shape), x.stride())
+        rows = picked.get(key)
+        if rows is None:
+            rows = picked[key] = x.index_select(0, index)
+        return rows, delta.index_select(0, index)
 
     def _fold(self, blocks: list[KFACBlock], a_means: Sequence[th.Tensor], g_means: Sequence[th.Tensor]) -> None:
         """``F ← ρ F + (1 − ρ) F_batch`` for every factor, fused over all of them; the first batch initialises them."""
         running, batch = [], []
+        kept: set[int] = set()  # a shared mean becomes the running factor of one block only
         for block, a_mean, g_mean in zip(blocks, a_means, g_means):
             factors = self.factors.get(block)
             if factors is None:
+                a_mean, g_mean = (t.clone() if id(t) in kept else t for t in (a_mean, g_mean))
+                kept.update((id(a_mean), id(g_mean)))
                 self.factors[block] = KroneckerFactors(a_mean, g_mean)
             else:
                 running += [factors.a, factors.g]
