@@ -16,7 +16,6 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.vec_env import DummyVecEnv
-from torch import nn
 
 from sb3_trpo_kfac import ACKTR
 from sb3_trpo_kfac.common import distributed
