@@ -1,15 +1,17 @@
 """
-K-FAC curvature update of ACKTR's NatureCNN policy on 2 gloo ranks: decompositions computed by every rank
+K-FAC curvature update of ACKTR's NatureCNN (or CartPole MLP) policy on 2 gloo ranks: decompositions computed by every rank
 (replicated) vs split (each block's by one rank, assigned by cost, then broadcast; ``kfac_split_decompositions``).
 
-Both ranks hold the factors of one batch (16 envs x 5 steps of 84x84x4 frames, SB3's FakeImageEnv); each round times
+Both ranks hold the factors of one batch (cnn: 16 envs x 5 steps of 84x84x4 frames, SB3's FakeImageEnv; mlp: SB3's
+default 64-64 MlpPolicy on CartPole-v1, 8 envs x 10 steps); each round times
 one ``update_curvature()`` of each mode in turn (``time_in_turn`` of benchmarks/common.py), the ranks starting
 together (a barrier before each run), and records the slower rank's time (the update waits for it). Settings:
 
 - "eigen": ACKTR's defaults (full eigendecompositions; the 3137 x 3137 input factor of the 3136 -> 512 layer dominates);
 - "inverse low-rank": factored-damping inverses with a rank-128 input factor for that layer.
 
-    python benchmarks/kfac_split_decompositions.py [--rounds 10] [--threads 1] [--settings eigen "inverse low-rank"]
+    python benchmarks/kfac_split_decompositions.py [--network cnn|mlp] [--rounds 10] [--threads 1]
+        [--settings eigen "inverse low-rank"]
 
 Printed: per setting, the median seconds of each mode and the median per-round ratio split / replicated.
 """
@@ -24,6 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch as th
 import torch.multiprocessing as mp
 from common import time_in_turn
@@ -38,14 +41,19 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "eigen": dict(kfac_inverse="eigen"),
     "inverse low-rank": dict(kfac_inverse="inverse", kfac_low_rank=128),
 }
-N_ENVS, N_STEPS = 16, 5
+# per network: the environment, the policy, n_envs x n_steps
+NETWORKS: dict[str, tuple[Any, str, int, int]] = {
+    "cnn": (lambda: FakeImageEnv(screen_height=84, screen_width=84, n_channels=4), "CnnPolicy", 16, 5),
+    "mlp": ("CartPole-v1", "MlpPolicy", 8, 10),
+}
 
 
-def measure(rank: int, settings: list[str], rounds: int) -> dict[str, dict[str, list[float]]]:
-    env = make_vec_env(lambda: FakeImageEnv(screen_height=84, screen_width=84, n_channels=4), n_envs=N_ENVS)
-    policy = ACKTR("CnnPolicy", env, n_steps=N_STEPS, seed=0).policy
-    gen = th.Generator().manual_seed(rank)
-    obs = th.randint(0, 256, (N_ENVS * N_STEPS, 4, 84, 84), generator=gen, dtype=th.uint8).float()
+def measure(rank: int, network: str, settings: list[str], rounds: int) -> dict[str, dict[str, list[float]]]:
+    env_id, policy_name, n_envs, n_steps = NETWORKS[network]
+    env = make_vec_env(env_id, n_envs=n_envs)
+    policy = ACKTR(policy_name, env, n_steps=n_steps, seed=0).policy
+    th.manual_seed(rank)
+    obs = th.as_tensor(np.stack([env.observation_space.sample() for _ in range(n_envs * n_steps)])).float()
     results = {}
     for setting in settings:
         optimizers = {
@@ -74,13 +82,13 @@ def measure(rank: int, settings: list[str], rounds: int) -> dict[str, dict[str, 
     return results
 
 
-def _rank_main(rank: int, port: int, out: str, threads: int, settings: list[str], rounds: int) -> None:
+def _rank_main(rank: int, port: int, out: str, threads: int, network: str, settings: list[str], rounds: int) -> None:
     th.set_num_threads(threads)
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=datetime.timedelta(minutes=30)
     )
     try:
-        result = measure(rank, settings, rounds)
+        result = measure(rank, network, settings, rounds)
         if rank == 0:
             Path(out).write_text(json.dumps(result))
     finally:
@@ -90,6 +98,7 @@ def _rank_main(rank: int, port: int, out: str, threads: int, settings: list[str]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--network", default="cnn", choices=list(NETWORKS))
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     args = parser.parse_args()
@@ -98,9 +107,8 @@ def main() -> None:
         port = sock.getsockname()[1]
     with tempfile.TemporaryDirectory() as folder:
         out = os.path.join(folder, "result.json")
-        mp.start_processes(
-            _rank_main, args=(port, out, args.threads, args.settings, args.rounds), nprocs=2, start_method="spawn"
-        )
+        run_args = (port, out, args.threads, args.network, args.settings, args.rounds)
+        mp.start_processes(_rank_main, args=run_args, nprocs=2, start_method="spawn")
         result = json.loads(Path(out).read_text())
     for setting, times in result.items():
         ratios = [s / r for s, r in zip(times["split"], times["replicated"])]

@@ -143,8 +143,9 @@ class ACKTR(OnPolicyAlgorithm):
         decomposition, in the updates whose statistics are newer than it: with ``kfac_update > 1`` or ``kfac_async``
         the step then follows the current statistics although the decompositions lag behind. 0 (default): none.
     :param kfac_split_decompositions: In data-parallel training (the model built inside a ``torch.distributed``
-        process group of several processes), each K-FAC block's decompositions are computed by one rank and broadcast
-        instead of by every rank. Off by default: on a NatureCNN update with 2 ranks it did not pay (see
+        process group of several processes): True, each K-FAC block's decompositions are computed by one rank (blocks
+        balanced by cost) and broadcast; False, every rank computes all of them. None (default): split when the
+        decompositions are expensive enough to pay for the exchange (e.g. NatureCNN, not a small MLP; measured in
         ``docs/performance.md``). Ignored in a single process.
     :param vf_fisher_coef: Weight c of the value term ``c · Σ (V − sg(V + ε))²`` of the Fisher loss; the value
         output's Fisher is then ``4 c²`` (baselines' convention), not 1
@@ -205,7 +206,7 @@ class ACKTR(OnPolicyAlgorithm):
         kfac_low_rank: int | None = None,
         kfac_async: bool = False,
         kfac_refine: int = 0,
-        kfac_split_decompositions: bool = False,
+        kfac_split_decompositions: bool | None = None,
         vf_fisher_coef: float = 1.0,
         kfac_cold_iter: int = 0,
         stats_window_size: int = 100,
@@ -280,7 +281,7 @@ class ACKTR(OnPolicyAlgorithm):
         self.kfac_low_rank: int | None = knobs["kfac_low_rank"]
         self.kfac_async: bool = knobs["kfac_async"]
         self.kfac_refine: int = knobs["kfac_refine"]
-        self.kfac_split_decompositions: bool = knobs["kfac_split_decompositions"]
+        self.kfac_split_decompositions: bool | None = knobs["kfac_split_decompositions"]
 
         super().__init__(
             ent_coef=ent_coef,
@@ -336,7 +337,7 @@ class ACKTR(OnPolicyAlgorithm):
             kfac_async=self.kfac_async,
             kfac_refine=self.kfac_refine,
             # absent from models saved before data-parallel training existed
-            kfac_split_decompositions=getattr(self, "kfac_split_decompositions", False),
+            kfac_split_decompositions=getattr(self, "kfac_split_decompositions", None),
             **step_rule,
         )
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from sb3_trpo_kfac.common import distributed
 from sb3_trpo_kfac.common.kfac import KFAC
-from sb3_trpo_kfac.common.kfac.distributed import assign_owners
+from sb3_trpo_kfac.common.kfac.distributed import assign_owners, decomposition_cost, split_by_default
 
 from ._spawn import run_ranks
 
@@ -79,6 +79,8 @@ def train(options: dict, part: slice) -> dict:
         distributed.all_reduce_gradients_(model.parameters())
         opt.step()
         nus.append(opt.last_nu[0])
+        if distributed.rank() == 0:
+            opt.state_dict()  # rank 0 saves alone: no collective may run (a pending split exchange waits)
     distributed.check_identical(list(model.parameters()))
     factors = opt.preconditioner.statistics.factors
     return dict(
@@ -86,6 +88,7 @@ def train(options: dict, part: slice) -> dict:
         nus=nus,
         factors=[t.clone() for b in opt.blocks for t in (factors[b].a, factors[b].g)],
         counters=opt.counters.as_dict(),
+        split=opt.preconditioner.splits_decompositions,
     )
 
 
@@ -138,6 +141,8 @@ def close(a: th.Tensor, b: th.Tensor, scale: th.Tensor) -> bool:
 def test_two_ranks_equal_one_process_on_the_union(ranks, name):
     single = train(CASES[name], slice(0, 2 * N))
     first, second = ranks[0][name], ranks[1][name]
+    # this tiny model's decompositions are too cheap to be split unless asked
+    assert first["split"] == second["split"] == (CASES[name].get("kfac_split_decompositions") is True)
     assert first["nus"] == second["nus"]
     assert all(th.equal(a, b) for a, b in zip(first["params"], second["params"]))
     assert first["counters"] == second["counters"] == single["counters"]
@@ -165,6 +170,16 @@ def test_a_rank_without_samples_agrees(ranks):
 
 def test_non_finite_statistics_on_one_rank_are_refused_on_all(ranks):
     assert ranks[0]["non_finite"] == ranks[1]["non_finite"] == dict(updated=False, skipped=1)
+
+
+def test_split_by_default_for_large_layers_only():
+    small = Routed()
+    large = nn.Linear(3136, 512)  # NatureCNN's hidden layer
+    opt_small, opt_large = KFAC(small), KFAC(large)
+    assert not split_by_default([decomposition_cost(b, None) for b in opt_small.blocks])
+    assert split_by_default([decomposition_cost(b, None) for b in opt_large.blocks])
+    assert split_by_default([decomposition_cost(b, 128) for b in opt_large.blocks])  # a rank-128 input factor
+    assert not opt_small.preconditioner.splits_decompositions  # one process
 
 
 def test_owners_balance_cost_deterministically():

@@ -6,11 +6,14 @@ assignment of kfac-pytorch / KAISA).
 Statistics: each rank's per-block moments (location-scaled sums of ``ā āᵀ`` and ``δ δᵀ``) and sample counts are
 summed over ranks in one collective before they are divided and folded into the running averages, so the factors are
 those of the union of the batches whatever each rank's batch size, and a block without samples on some rank still
-agrees. A non-finite moment on any rank makes the sum non-finite on every rank, so all refuse it together.
+agrees. (Each δ is one sample's own gradient, the Fisher loss being sum-reduced, so ``Σ δ δᵀ / N`` does not depend on
+how the samples are split; a mean-reduced loss would scale a rank's G by its own ``1 / N²``.) A non-finite moment on
+any rank makes the sum non-finite on every rank, so all refuse it together.
 
 Split decompositions: every rank decomposes the blocks it owns (in the worker thread with ``kfac_async``), then each
 owner broadcasts them from the calling thread when the result is applied, so all ranks use the owner's values and the
-collectives run in the same order on every rank.
+collectives run in the same order on every rank. It pays when the decompositions are expensive (a large layer); when
+they are cheap (small MLPs) the exchange's fixed cost outweighs them, so by default the estimated cost decides.
 """
 
 import math
@@ -75,6 +78,16 @@ def decomposition_cost(block: KFACBlock, low_rank: int | None) -> float:
     out_dim, in_dim = block.matrix_shape
     cost_a = float(in_dim) ** 3 if low_rank is None else float(in_dim) ** 2 * low_rank
     return cost_a + float(out_dim) ** 3
+
+
+# Total decomposition cost (decomposition_cost) from which splitting is the default: below it the exchange's fixed cost
+# (two collectives per rank) outweighs the work it shares (benchmarks/kfac_split_decompositions.py, docs/performance.md)
+SPLIT_MIN_COST = 1e8
+
+
+def split_by_default(costs: list[float]) -> bool:
+    """Whether decompositions of these costs (one per block) are split across ranks when not told."""
+    return sum(costs) >= SPLIT_MIN_COST
 
 
 def assign_owners(costs: list[float], world_size: int) -> list[int]:

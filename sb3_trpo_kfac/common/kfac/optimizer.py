@@ -73,6 +73,7 @@ class KFAC(th.optim.Optimizer):
     :param kfac_async: compute the curvature in a background thread, one update late
     :param kfac_refine: CG iterations on the current factors when they are newer than the curvature
     :param kfac_split_decompositions: in a data-parallel run, each block's decompositions by one rank, broadcast
+        (None: when they are expensive enough)
     :param modules: layers to cover (default: every ``nn.Linear`` / ``nn.Conv2d`` in ``model``)
     :param params: parameters (default: all of ``model``'s that require grad) or parameter groups
     :param optimizer_class: the step rule, a ``torch.optim.Optimizer`` class (None: the paper's momentum SGD)
@@ -100,7 +101,7 @@ class KFAC(th.optim.Optimizer):
         kfac_low_rank_min_dim: int = 1024,
         kfac_async: bool = False,
         kfac_refine: int = 0,
-        kfac_split_decompositions: bool = False,
+        kfac_split_decompositions: bool | None = None,
         modules: Iterable[nn.Module] | None = None,
         params: Iterable[Any] | None = None,
         optimizer_class: type[th.optim.Optimizer] | None = None,

@@ -17,7 +17,12 @@ from sb3_trpo_kfac.common.kfac import state
 from sb3_trpo_kfac.common.kfac.blocks import KFACBlock
 from sb3_trpo_kfac.common.kfac.curvature import BlockCurvature
 from sb3_trpo_kfac.common.kfac.decomposition import BackgroundDecomposition, CurvatureJob
-from sb3_trpo_kfac.common.kfac.distributed import assign_owners, decomposition_cost, exchange_curvature
+from sb3_trpo_kfac.common.kfac.distributed import (
+    assign_owners,
+    decomposition_cost,
+    exchange_curvature,
+    split_by_default,
+)
 from sb3_trpo_kfac.common.kfac.groups import block_groups, current_kinds, group_kind, parameter_groups
 from sb3_trpo_kfac.common.kfac.layout import GroupBuffers, GroupLayout
 from sb3_trpo_kfac.common.kfac.low_rank import LOW_RANK_TYPES
@@ -68,7 +73,8 @@ class KFACPreconditioner:
     :param kfac_refine: CG iterations on the current factors in steps whose statistics are newer than the curvature
         (:mod:`.solve`): with ``kfac_update > 1`` or ``kfac_async`` the steps then follow the statistics
     :param kfac_split_decompositions: in a data-parallel run (:mod:`.distributed`), each block's decompositions are
-        computed by one rank and broadcast (blocks assigned by cost) instead of by every rank; ignored in one process
+        computed by one rank and broadcast (blocks assigned by cost) instead of by every rank; None (default): split
+        when the decompositions are expensive enough to pay for the exchange (a large layer); ignored in one process
     :param modules: layers to cover (default: every ``nn.Linear`` / ``nn.Conv2d`` in ``model``)
     """
 
@@ -90,7 +96,7 @@ class KFACPreconditioner:
         kfac_low_rank_min_dim: int = 1024,
         kfac_async: bool = False,
         kfac_refine: int = 0,
-        kfac_split_decompositions: bool = False,
+        kfac_split_decompositions: bool | None = None,
         modules: Iterable[nn.Module] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -109,7 +115,7 @@ class KFACPreconditioner:
         self.kfac_low_rank: int | None = knobs["kfac_low_rank"]
         self.kfac_async: bool = knobs["kfac_async"]
         self.kfac_refine: int = knobs["kfac_refine"]
-        self.kfac_split_decompositions: bool = knobs["kfac_split_decompositions"]
+        self.kfac_split_decompositions: bool | None = knobs["kfac_split_decompositions"]
 
         self.group_defaults = {**defaults, "kfac_clip": self.kfac_clip}  # what a parameter group does not set itself
         self.param_groups = parameter_groups(model.parameters() if params is None else params, self.group_defaults)
@@ -126,7 +132,7 @@ class KFACPreconditioner:
         self.curvature: dict[KFACBlock, BlockCurvature] = {b: kind() for b, kind in self.curvature_types.items()}
         self.background = BackgroundDecomposition()
         # (world size, each block's owner) of split decompositions, made at first use
-        self._block_owners: tuple[int, dict[KFACBlock, int]] | None = None
+        self._block_owners: tuple[int, dict[KFACBlock, int] | None] | None = None
         self.solver = KroneckerSolver(self.kfac_refine)
         # flat buffers per parameter group, built at first use (and after loading); their batches' stacked solve
         # factors are rebuilt after every curvature update
@@ -180,14 +186,15 @@ class KFACPreconditioner:
 
     def _owners(self) -> dict[KFACBlock, int] | None:
         """Each block's owner when the decompositions are split across data-parallel ranks, else None."""
-        if not (self.kfac_split_decompositions and distributed.is_data_parallel()):
+        if self.kfac_split_decompositions is False or not distributed.is_data_parallel():
             return None
         world_size = distributed.world_size()
         if self._block_owners is None or self._block_owners[0] != world_size:
             low_rank = {kind: self.kfac_low_rank if issubclass(kind, LOW_RANK_TYPES) else None
                         for kind in self.curvature_types.values()}  # fmt: skip
             costs = [decomposition_cost(b, low_rank[self.curvature_types[b]]) for b in self.blocks]
-            self._block_owners = (world_size, dict(zip(self.blocks, assign_owners(costs, world_size))))
+            split = split_by_default(costs) if self.kfac_split_decompositions is None else True
+            self._block_owners = (world_size, dict(zip(self.blocks, assign_owners(costs, world_size))) if split else None)
         return self._block_owners[1]
 
     @property
