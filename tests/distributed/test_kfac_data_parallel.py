@@ -79,8 +79,9 @@ def train(options: dict, part: slice) -> dict:
         distributed.all_reduce_gradients_(model.parameters())
         opt.step()
         nus.append(opt.last_nu[0])
-        if distributed.rank() == 0:
-            opt.state_dict()  # rank 0 saves alone: no collective may run (a pending split exchange waits)
+        if step == 1 and distributed.rank() == 0:
+            # rank 0 saves alone, with a background decomposition pending (kfac_async): no collective may run
+            opt.state_dict()
     distributed.check_identical(list(model.parameters()))
     factors = opt.preconditioner.statistics.factors
     return dict(
