@@ -152,6 +152,7 @@ CASES = {
         ("kfac_async", 1, T),
         ("kfac_async", "True", T),
         ("kfac_refine", -1, V),
+        ("kfac_split_decompositions", 1, T),
         ("vf_fisher_coef", -1.0, V),
         ("vf_fisher_coef", INF, V),
         ("kfac_cold_iter", -2, V),

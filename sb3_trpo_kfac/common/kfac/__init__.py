@@ -17,6 +17,8 @@ The package, in the order of the math:
 - :mod:`.statistics`: the collect context, the Fisher loss's backward, running averages, the finiteness guard;
 - :mod:`.curvature` (:mod:`.eigen`, :mod:`.inverse`, :mod:`.low_rank`): ``(A ⊗ G + λI)⁻¹`` per block;
 - :mod:`.decomposition`: curvature updates, batched by factor size, optionally in a background thread;
+- :mod:`.distributed`: data-parallel ranks (``torch.distributed``): statistics of all ranks' samples, decompositions
+  replicated or split across ranks;
 - :mod:`.layout`, :mod:`.solve`: flat buffers, batched same-shape solves and CG refinement;
 - :mod:`.schedule`: the cadence (curvature refreshes, cold start) and the counters;
 - :mod:`.preconditioner`: :class:`KFACPreconditioner`, gradients to trust-region-scaled natural gradients;

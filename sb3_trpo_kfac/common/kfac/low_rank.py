@@ -178,3 +178,5 @@ class TwoSidedLowRankEigenCurvature(BlockCurvature):
         inner = th.addmm(left * d_g[:, None], core, a.vectors.T)
         # Q_G inner + (R ∘ d_A) Q_Aᵀ as one product: one pass over the output
         th.addmm(mat, th.cat([g.vectors, right * d_a], 1), th.cat([inner, a.vectors.T], 0), beta=rest, out=out)
+# the representations whose input factor is low-rank
+LOW_RANK_TYPES = (LowRankEigenCurvature, LowRankInverseCurvature, TwoSidedLowRankEigenCurvature)

@@ -12,12 +12,20 @@ from typing import Any
 import torch as th
 from torch import nn
 
+from sb3_trpo_kfac.common import distributed
 from sb3_trpo_kfac.common.kfac import state
 from sb3_trpo_kfac.common.kfac.blocks import KFACBlock
 from sb3_trpo_kfac.common.kfac.curvature import BlockCurvature
 from sb3_trpo_kfac.common.kfac.decomposition import BackgroundDecomposition, CurvatureJob
+from sb3_trpo_kfac.common.kfac.distributed import (
+    assign_owners,
+    decomposition_cost,
+    exchange_curvature,
+    split_by_default,
+)
 from sb3_trpo_kfac.common.kfac.groups import block_groups, current_kinds, group_kind, parameter_groups
 from sb3_trpo_kfac.common.kfac.layout import GroupBuffers, GroupLayout
+from sb3_trpo_kfac.common.kfac.low_rank import LOW_RANK_TYPES
 from sb3_trpo_kfac.common.kfac.options import check_kfac_arguments
 from sb3_trpo_kfac.common.kfac.schedule import CurvatureSchedule, KFACCounters
 from sb3_trpo_kfac.common.kfac.solve import KroneckerSolver
@@ -68,6 +76,9 @@ class KFACPreconditioner:
     :param kfac_stats_samples: if set, each statistics update estimates the factors from at most this many samples
         of the batch, drawn at random without replacement (the same ones for every layer): an unbiased estimate of the
         batch's factors at a fraction of the cost (:class:`.statistics.FactorStatistics`); None: every sample
+    :param kfac_split_decompositions: in a data-parallel run (:mod:`.distributed`), each block's decompositions are
+        computed by one rank and broadcast (blocks assigned by cost) instead of by every rank; None (default): split
+        when the decompositions are expensive enough to pay for the exchange (a large layer); ignored in one process
     :param modules: layers to cover (default: every ``nn.Linear`` / ``nn.Conv2d`` in ``model``)
     """
 
@@ -90,6 +101,7 @@ class KFACPreconditioner:
         kfac_async: bool = False,
         kfac_refine: int = 0,
         kfac_stats_samples: int | None = None,
+        kfac_split_decompositions: bool | None = None,
         modules: Iterable[nn.Module] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -101,6 +113,7 @@ class KFACPreconditioner:
             kfac_cold_max_grad_norm=kfac_cold_max_grad_norm, kfac_inverse=kfac_inverse, kfac_low_rank=kfac_low_rank,
             kfac_low_rank_min_dim=kfac_low_rank_min_dim, kfac_async=kfac_async, kfac_refine=kfac_refine,
             kfac_stats_samples=kfac_stats_samples,
+            kfac_split_decompositions=kfac_split_decompositions,
         )  # fmt: skip
         self.kfac_clip: float = knobs["kfac_clip"]
         self.kfac_damping: float = knobs["kfac_damping"]
@@ -109,6 +122,7 @@ class KFACPreconditioner:
         self._rank = state.kept_eigenpairs(self.kfac_low_rank)  # of the low-rank factors
         self.kfac_async: bool = knobs["kfac_async"]
         self.kfac_refine: int = knobs["kfac_refine"]
+        self.kfac_split_decompositions: bool | None = knobs["kfac_split_decompositions"]
 
         self.group_defaults = {**defaults, "kfac_clip": self.kfac_clip}  # what a parameter group does not set itself
         self.param_groups = parameter_groups(model.parameters() if params is None else params, self.group_defaults)
@@ -124,6 +138,8 @@ class KFACPreconditioner:
         )
         self.curvature: dict[KFACBlock, BlockCurvature] = {b: kind() for b, kind in self.curvature_types.items()}
         self.background = BackgroundDecomposition()
+        # (world size, each block's owner) of split decompositions, made at first use
+        self._block_owners: tuple[int, dict[KFACBlock, int] | None] | None = None
         self.solver = KroneckerSolver(self.kfac_refine)
         # flat buffers per parameter group, built at first use (and after loading); their batches' stacked solve
         # factors are rebuilt after every curvature update
@@ -155,10 +171,10 @@ class KFACPreconditioner:
         :return: whether the statistics were updated
         """
         calls = self.statistics.take_saved()
-        if calls is None:
+        if calls is None and not distributed.is_data_parallel():
             return False
         self.follow_parameters()
-        return self.statistics.update(fisher_loss, calls)
+        return self.statistics.update(fisher_loss, calls or [])  # a rank without samples joins the reduction
 
     # ------------------------------------------------------------------ curvature
     @th.no_grad()
@@ -171,11 +187,33 @@ class KFACPreconditioner:
         self._apply(job, self.counters.stats_updates)
 
     def _curvature_job(self, snapshot: bool) -> CurvatureJob:
-        factors = self.statistics.factors
-        return CurvatureJob([(b, factors[b], self.curvature[b]) for b in self.blocks if b in factors], snapshot)
+        factors, owners = self.statistics.factors, self._owners()
+        owned = [b for b in self.blocks if b in factors and (owners is None or owners[b] == distributed.rank())]
+        return CurvatureJob([(b, factors[b], self.curvature[b]) for b in owned], snapshot)
+
+    def _owners(self) -> dict[KFACBlock, int] | None:
+        """Each block's owner when the decompositions are split across data-parallel ranks, else None."""
+        if self.kfac_split_decompositions is False or not distributed.is_data_parallel():
+            return None
+        world_size = distributed.world_size()
+        if self._block_owners is None or self._block_owners[0] != world_size:
+            low_rank = {kind: self._rank if issubclass(kind, LOW_RANK_TYPES) else None
+                        for kind in self.curvature_types.values()}  # fmt: skip
+            costs = [decomposition_cost(b, low_rank[self.curvature_types[b]]) for b in self.blocks]
+            split = split_by_default(costs) if self.kfac_split_decompositions is None else True
+            self._block_owners = (world_size, dict(zip(self.blocks, assign_owners(costs, world_size))) if split else None)
+        return self._block_owners[1]
+
+    @property
+    def splits_decompositions(self) -> bool:
+        """Whether the decompositions are split across data-parallel ranks (applying them is then collective)."""
+        return self._owners() is not None
 
     def _apply(self, job: CurvatureJob, stats_updates: int) -> None:
         curvature, failures = job.apply()
+        owners = self._owners()
+        if owners is not None:  # the other blocks from their owners (here, in the thread of every collective)
+            curvature, failures = exchange_curvature(self.blocks, owners, curvature, self.curvature, failures)
         self.curvature.update(curvature)
         for message in failures:
             warnings.warn(message)
