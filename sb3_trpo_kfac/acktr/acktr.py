@@ -285,7 +285,7 @@ class ACKTR(OnPolicyAlgorithm):
         knobs = check_kfac_arguments(
             kfac_clip=kfac_clip, kfac_update=kfac_update, kfac_stats_interval=kfac_stats_interval,
             kfac_inverse=kfac_inverse, kfac_low_rank=kfac_low_rank, kfac_async=kfac_async, kfac_refine=kfac_refine,
-            kfac_stats_samples=kfac_stats_samples, **given,
+            kfac_stats_samples=kfac_stats_samples,
             kfac_split_decompositions=kfac_split_decompositions, **given,
         )  # fmt: skip
         self.kfac_clip: float = knobs["kfac_clip"]
