@@ -8,10 +8,10 @@ inside an initialised default ``torch.distributed`` process group of more than o
 environments; outside such a group nothing here changes anything.
 
 **Per rank and global.** ``n_envs``, ``n_steps`` and ``batch_size`` are per rank: one update uses
-world_size × n_envs × n_steps samples. ``total_timesteps`` and ``num_timesteps`` are global: at the end of every
-rollout each rank's ``num_timesteps`` advances by the environment steps of all ranks, so ``learn()``'s budget,
-schedules' progress, ``reset_num_timesteps=False`` and the logged fps count the whole run (as rl-zoo3's ``-n`` is
-the run's budget while ``--n-envs`` is per process).
+world_size × n_envs × n_steps samples. ``total_timesteps`` and ``num_timesteps`` are global: each rank's
+``num_timesteps`` advances by world_size × n_envs per environment step (summed exactly over the ranks at the end of
+every rollout), so ``learn()``'s budget, schedules' progress, ``reset_num_timesteps=False``, callbacks and the logged
+fps count the whole run (as rl-zoo3's ``-n`` is the run's budget while ``--n-envs`` is per process).
 
 **Seeds.** Rank r seeds its environments, action sampling and torch with ``seed + r``; parameters and buffers are
 broadcast from rank 0 when the model is set up, so every rank starts identical whatever the seed.
@@ -83,9 +83,11 @@ class DataParallelAlgorithm(OnPolicyAlgorithm):
             return super().collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
         self.check_ranks_identical()
         start = self.num_timesteps
-        continue_training = super().collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
-        # [steps of all ranks, ranks that stop]: one collective
-        counts = th.tensor([self.num_timesteps - start, int(not continue_training)], dtype=th.int64, device=self.device)
+        counting = _CountAllRanksSteps(callback, (distributed.world_size() - 1) * env.num_envs)
+        continue_training = super().collect_rollouts(env, counting, rollout_buffer, n_rollout_steps)
+        # [steps of all ranks, ranks that stop]: one collective (exact even if a rank stopped early)
+        own_steps = counting.n_steps * env.num_envs
+        counts = th.tensor([own_steps, int(not continue_training)], dtype=th.int64, device=self.device)
         distributed.all_reduce_sum_([counts])
         self.num_timesteps = start + int(counts[0])
         return int(counts[1]) == 0
@@ -109,6 +111,34 @@ class DataParallelAlgorithm(OnPolicyAlgorithm):
         )
         self.check_ranks_identical()  # after the last update (the others are checked before each rollout)
         return self
+
+
+class _CountAllRanksSteps(BaseCallback):
+    """
+    Passes a rollout's callback events on, after adding the other ranks' environment steps to ``num_timesteps`` at
+    every step (so callbacks, e.g. an evaluation, see the run's count during the rollout as well).
+    """
+
+    def __init__(self, callback: BaseCallback, other_ranks_steps: int) -> None:
+        super().__init__()
+        self.callback, self.other_ranks_steps, self.n_steps = callback, other_ranks_steps, 0
+
+    def on_rollout_start(self) -> None:
+        self.callback.on_rollout_start()
+
+    def update_locals(self, locals_: dict) -> None:
+        self.callback.update_locals(locals_)
+
+    def on_step(self) -> bool:
+        self.n_steps += 1
+        self.callback.model.num_timesteps += self.other_ranks_steps
+        return self.callback.on_step()
+
+    def on_rollout_end(self) -> None:
+        self.callback.on_rollout_end()
+
+    def _on_step(self) -> bool:  # never called: on_step is passed on whole
+        return True
 
 
 def normalize_advantages(advantages: th.Tensor, eps: float = 1e-8) -> th.Tensor:

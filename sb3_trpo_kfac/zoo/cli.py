@@ -338,6 +338,10 @@ def _run(prog: str, name: str, args: list[str]) -> None:
     # rl-zoo3's scripts parse sys.argv themselves.
     sys.argv = [f"{prog} {name}", *args]
     with contextlib.ExitStack() as stack:
+        if name == "train":  # under torchrun with several processes: this rank's arguments, in a process group
+            from sb3_trpo_kfac.zoo.data_parallel import data_parallel_train  # imports torch
+
+            sys.argv = [sys.argv[0], *stack.enter_context(data_parallel_train(prog, args))]
         if name in ("record_training", "push_to_hub"):
             stack.enter_context(_ffmpeg_on_path(prog, name))
         if name in ("record_training", "benchmark"):

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch as th
 from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import Logger, configure
 from stable_baselines3.common.torch_layers import FlattenExtractor
 from stable_baselines3.common.vec_env import DummyVecEnv
@@ -156,16 +157,30 @@ def test_one_update_of_two_ranks_is_the_update_on_the_union_of_their_batches():
             assert stats[key] == pytest.approx(expected_stats[key], rel=1e-10), f"{what}: {key}"
 
 
+class StepCounts(BaseCallback):
+    """``num_timesteps`` as callbacks see it at every environment step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: list[int] = []
+
+    def _on_step(self) -> bool:
+        self.counts.append(self.num_timesteps)
+        return True
+
+
 def _learn_on_rank(rank: int, folder: str) -> dict:
     env = DummyVecEnv([lambda: gym.make("CartPole-v1")] * N_ENVS)
     model = TRPO("MlpPolicy", env, n_steps=N_STEPS, batch_size=16, n_critic_updates=2, policy_kwargs={"net_arch": [8]},
                  seed=5, device="cpu")  # fmt: skip
     model.set_logger(configure(str(Path(folder) / f"rank{rank}"), ["csv"]))
-    model.learn(3 * 2 * N_ENVS * N_STEPS)  # the budget counts both ranks' steps: 3 updates
+    steps = StepCounts()
+    model.learn(3 * 2 * N_ENVS * N_STEPS, callback=steps)  # the budget counts both ranks' steps: 3 updates
     if rank == 0:
         model.save(Path(folder) / "model.zip")
     result = {
         "num_timesteps": model.num_timesteps,
+        "step_counts": steps.counts,
         "n_updates": model._n_updates,
         "outputs": len(model.logger.output_formats),
         "params": {k: v.clone() for k, v in model.policy.state_dict().items()},
@@ -187,6 +202,7 @@ def test_learn_keeps_ranks_identical_counts_global_steps_logs_on_rank_0_and_save
     batch = 2 * N_ENVS * N_STEPS  # both ranks' steps per rollout
     for result in (rank0, rank1):
         assert result["num_timesteps"] == 3 * batch
+        assert result["step_counts"] == [2 * N_ENVS * (k + 1) for k in range(3 * N_STEPS)]
         assert result["n_updates"] == 3
         assert result["mismatch"] is not None and "different policy parameters" in result["mismatch"]
     for name, value in rank0["params"].items():
