@@ -13,6 +13,7 @@ from stable_baselines3.common.utils import explained_variance
 from torch import nn
 from torch.nn import functional as F
 
+from sb3_trpo_kfac.common import distributed
 from sb3_trpo_kfac.common.gradient_clipping import clip_grad_norm_
 from sb3_trpo_kfac.common.kfac import KFAC
 from sb3_trpo_kfac.common.kfac.options import check_kfac_arguments, check_momentum
@@ -38,6 +39,16 @@ SelfACKTR = TypeVar("SelfACKTR", bound="ACKTR")
 # keywords renamed so that each K-FAC knob has the one name it has in KFAC (old name -> new name); old saved models
 # carry the old attribute names, which _setup_model carries over
 RENAMED = {"damping": "kfac_damping", "stats_decay": "kfac_stats_decay", "cold_iter": "kfac_cold_iter"}
+
+
+def normalized_advantages(advantages: th.Tensor) -> th.Tensor:
+    """``(Â − mean) / (std + 1e-8)``, mean and (unbiased) std over the samples of all data-parallel ranks."""
+    if not distributed.is_data_parallel():
+        return (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    count = distributed.world_size() * advantages.numel()  # every rank holds a batch of the same size
+    mean = distributed.mean_over_ranks(advantages.mean())
+    variance = distributed.mean_over_ranks(((advantages - mean) ** 2).sum()) * distributed.world_size() / (count - 1)
+    return (advantages - mean) / (variance.sqrt() + 1e-8)
 
 
 class ACKTR(OnPolicyAlgorithm):
@@ -131,6 +142,10 @@ class ACKTR(OnPolicyAlgorithm):
     :param kfac_refine: Conjugate-gradient iterations on the current K-FAC factors, preconditioned by the last
         decomposition, in the updates whose statistics are newer than it: with ``kfac_update > 1`` or ``kfac_async``
         the step then follows the current statistics although the decompositions lag behind. 0 (default): none.
+    :param kfac_split_decompositions: In data-parallel training (the model built inside a ``torch.distributed``
+        process group of several processes), each K-FAC block's decompositions are computed by one rank and broadcast
+        instead of by every rank. Off by default: on a NatureCNN update with 2 ranks it did not pay (see
+        ``docs/performance.md``). Ignored in a single process.
     :param vf_fisher_coef: Weight c of the value term ``c · Σ (V − sg(V + ε))²`` of the Fisher loss; the value
         output's Fisher is then ``4 c²`` (baselines' convention), not 1
     :param kfac_cold_iter: Number of initial updates done without preconditioning (gradient clipped to
@@ -190,6 +205,7 @@ class ACKTR(OnPolicyAlgorithm):
         kfac_low_rank: int | None = None,
         kfac_async: bool = False,
         kfac_refine: int = 0,
+        kfac_split_decompositions: bool = False,
         vf_fisher_coef: float = 1.0,
         kfac_cold_iter: int = 0,
         stats_window_size: int = 100,
@@ -252,7 +268,7 @@ class ACKTR(OnPolicyAlgorithm):
         knobs = check_kfac_arguments(
             kfac_clip=kfac_clip, kfac_update=kfac_update, kfac_stats_interval=kfac_stats_interval,
             kfac_inverse=kfac_inverse, kfac_low_rank=kfac_low_rank, kfac_async=kfac_async, kfac_refine=kfac_refine,
-            **given,
+            kfac_split_decompositions=kfac_split_decompositions, **given,
         )  # fmt: skip
         self.kfac_clip: float = knobs["kfac_clip"]
         self.kfac_damping: float = knobs["kfac_damping"]
@@ -264,6 +280,7 @@ class ACKTR(OnPolicyAlgorithm):
         self.kfac_low_rank: int | None = knobs["kfac_low_rank"]
         self.kfac_async: bool = knobs["kfac_async"]
         self.kfac_refine: int = knobs["kfac_refine"]
+        self.kfac_split_decompositions: bool = knobs["kfac_split_decompositions"]
 
         super().__init__(
             ent_coef=ent_coef,
@@ -318,6 +335,8 @@ class ACKTR(OnPolicyAlgorithm):
             kfac_low_rank=self.kfac_low_rank,
             kfac_async=self.kfac_async,
             kfac_refine=self.kfac_refine,
+            # absent from models saved before data-parallel training existed
+            kfac_split_decompositions=getattr(self, "kfac_split_decompositions", False),
             **step_rule,
         )
 
@@ -344,7 +363,7 @@ class ACKTR(OnPolicyAlgorithm):
 
             advantages = rollout_data.advantages
             if self.normalize_advantage:
-                advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+                advantages = normalized_advantages(advantages)
 
             policy_loss = -(advantages * log_prob).mean()
             value_loss = F.mse_loss(rollout_data.returns, values)
@@ -358,12 +377,14 @@ class ACKTR(OnPolicyAlgorithm):
             if update_stats:
                 # Sampled Fisher loss on the same forward: the rollout actions are samples of the current policy;
                 # the value's sample is V + ε, ε ~ N(0, 1) (value-output Fisher 4 · vf_fisher_coef², baselines' form).
-                noisy_values = (values + th.randn_like(values)).detach()
+                noisy_values = (values + self._fisher_value_noise(values)).detach()
                 fisher_loss = -log_prob.sum() - self.vf_fisher_coef * ((values - noisy_values) ** 2).sum()
                 optimizer.update_statistics(fisher_loss)
 
             optimizer.zero_grad()
             loss.backward()
+            # the mean over all ranks' samples, before the clip (which then sees the global norm)
+            distributed.all_reduce_gradients_(p for p in self.policy.parameters() if p.grad is not None)
             clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
             optimizer.step()
             nus, vfvs = optimizer.last_nu, optimizer.last_vfv  # of the joint step, for the logs
@@ -387,6 +408,10 @@ class ACKTR(OnPolicyAlgorithm):
         if hasattr(self.policy, "log_std"):
             self.logger.record("train/std", th.exp(self.policy.log_std).mean().item())
 
+    def _fisher_value_noise(self, values: th.Tensor) -> th.Tensor:
+        """ε ~ N(0, 1) per sample, the value's sample in the Fisher loss (drawn per rank in data-parallel training)."""
+        return th.randn_like(values)
+
     def _fit_critic(self, observations: PyTorchObs, returns: th.Tensor) -> None:
         """The ``n_critic_updates - 1`` extra K-FAC steps of the critic-only parameters on the value loss."""
         if self.n_critic_updates == 1:
@@ -401,6 +426,7 @@ class ACKTR(OnPolicyAlgorithm):
             values = predict(inputs)
             value_loss = F.mse_loss(returns, values.flatten())
             grads = th.autograd.grad(self.vf_coef * value_loss, self._critic_params)
+            distributed.all_reduce_mean_(grads)  # all ranks' samples, before the clip
             for param, grad in zip(self._critic_params, grads, strict=True):
                 param.grad = grad
             clip_grad_norm_(self._critic_params, self.max_grad_norm)

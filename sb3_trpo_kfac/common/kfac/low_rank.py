@@ -115,3 +115,7 @@ class LowRankInverseCurvature(BlockCurvature):
         q_a, (kept, rest) = self.a.vectors, self.weights
         left = self.g @ mat
         return ((left @ q_a) * (kept - rest)) @ q_a.T + left * rest
+
+
+# the representations whose input factor is low-rank
+LOW_RANK_TYPES = (LowRankEigenCurvature, LowRankInverseCurvature)

@@ -72,6 +72,7 @@ class KFAC(th.optim.Optimizer):
     :param kfac_low_rank_min_dim: smallest input-factor dimension that uses ``kfac_low_rank``
     :param kfac_async: compute the curvature in a background thread, one update late
     :param kfac_refine: CG iterations on the current factors when they are newer than the curvature
+    :param kfac_split_decompositions: in a data-parallel run, each block's decompositions by one rank, broadcast
     :param modules: layers to cover (default: every ``nn.Linear`` / ``nn.Conv2d`` in ``model``)
     :param params: parameters (default: all of ``model``'s that require grad) or parameter groups
     :param optimizer_class: the step rule, a ``torch.optim.Optimizer`` class (None: the paper's momentum SGD)
@@ -99,6 +100,7 @@ class KFAC(th.optim.Optimizer):
         kfac_low_rank_min_dim: int = 1024,
         kfac_async: bool = False,
         kfac_refine: int = 0,
+        kfac_split_decompositions: bool = False,
         modules: Iterable[nn.Module] | None = None,
         params: Iterable[Any] | None = None,
         optimizer_class: type[th.optim.Optimizer] | None = None,
@@ -110,6 +112,7 @@ class KFAC(th.optim.Optimizer):
             kfac_stats_interval=kfac_stats_interval, kfac_update=kfac_update, kfac_cold_iter=kfac_cold_iter,
             kfac_cold_max_grad_norm=kfac_cold_max_grad_norm, kfac_inverse=kfac_inverse, kfac_low_rank=kfac_low_rank,
             kfac_low_rank_min_dim=kfac_low_rank_min_dim, kfac_async=kfac_async, kfac_refine=kfac_refine,
+            kfac_split_decompositions=kfac_split_decompositions,
         )  # fmt: skip
         defaults = {name: parameter.default for name, parameter in inspect.signature(KFAC.__init__).parameters.items()}
         knobs.update(renamed_keywords("KFAC", renamed, RENAMED, {k: (v, defaults[k]) for k, v in knobs.items()}))
@@ -204,7 +207,10 @@ class KFAC(th.optim.Optimizer):
         torch's format: per parameter, the step rule's state and (for a block's weight) the block's factors and
         decompositions; param groups; ``kfac_counters``; with ``optimizer_class``, its state under ``step_rule``.
         """
-        self.preconditioner.join_decomposition()  # the saved state is then the one the next step would use
+        # the saved state is then the one the next step would use; split decompositions are exchanged by all ranks
+        # at their next step instead (rank 0 may save alone, and the exchange is collective)
+        if not self.preconditioner.splits_decompositions:
+            self.preconditioner.join_decomposition()
         state_dict = super().state_dict()
         index = {id(p): i for i, p in enumerate(p for group in self.param_groups for p in group["params"])}
         for block, entries in self.preconditioner.state_entries():

@@ -26,6 +26,7 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "kfac_low_rank_min_dim": lambda name, value: check_int(name, value, 1),
     "kfac_async": check_bool,
     "kfac_refine": lambda name, value: check_int(name, value, 0),
+    "kfac_split_decompositions": check_bool,
 }
 
 

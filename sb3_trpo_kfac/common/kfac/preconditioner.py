@@ -12,12 +12,15 @@ from typing import Any
 import torch as th
 from torch import nn
 
+from sb3_trpo_kfac.common import distributed
 from sb3_trpo_kfac.common.kfac import state
 from sb3_trpo_kfac.common.kfac.blocks import KFACBlock
 from sb3_trpo_kfac.common.kfac.curvature import BlockCurvature
 from sb3_trpo_kfac.common.kfac.decomposition import BackgroundDecomposition, CurvatureJob
+from sb3_trpo_kfac.common.kfac.distributed import assign_owners, decomposition_cost, exchange_curvature
 from sb3_trpo_kfac.common.kfac.groups import block_groups, current_kinds, group_kind, parameter_groups
 from sb3_trpo_kfac.common.kfac.layout import GroupBuffers, GroupLayout
+from sb3_trpo_kfac.common.kfac.low_rank import LOW_RANK_TYPES
 from sb3_trpo_kfac.common.kfac.options import check_kfac_arguments
 from sb3_trpo_kfac.common.kfac.schedule import CurvatureSchedule, KFACCounters
 from sb3_trpo_kfac.common.kfac.solve import KroneckerSolver
@@ -64,6 +67,8 @@ class KFACPreconditioner:
         first refresh is synchronous). Deterministic; it pays off with a free second core.
     :param kfac_refine: CG iterations on the current factors in steps whose statistics are newer than the curvature
         (:mod:`.solve`): with ``kfac_update > 1`` or ``kfac_async`` the steps then follow the statistics
+    :param kfac_split_decompositions: in a data-parallel run (:mod:`.distributed`), each block's decompositions are
+        computed by one rank and broadcast (blocks assigned by cost) instead of by every rank; ignored in one process
     :param modules: layers to cover (default: every ``nn.Linear`` / ``nn.Conv2d`` in ``model``)
     """
 
@@ -85,6 +90,7 @@ class KFACPreconditioner:
         kfac_low_rank_min_dim: int = 1024,
         kfac_async: bool = False,
         kfac_refine: int = 0,
+        kfac_split_decompositions: bool = False,
         modules: Iterable[nn.Module] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -95,6 +101,7 @@ class KFACPreconditioner:
             kfac_stats_interval=kfac_stats_interval, kfac_update=kfac_update, kfac_cold_iter=kfac_cold_iter,
             kfac_cold_max_grad_norm=kfac_cold_max_grad_norm, kfac_inverse=kfac_inverse, kfac_low_rank=kfac_low_rank,
             kfac_low_rank_min_dim=kfac_low_rank_min_dim, kfac_async=kfac_async, kfac_refine=kfac_refine,
+            kfac_split_decompositions=kfac_split_decompositions,
         )  # fmt: skip
         self.kfac_clip: float = knobs["kfac_clip"]
         self.kfac_damping: float = knobs["kfac_damping"]
@@ -102,6 +109,7 @@ class KFACPreconditioner:
         self.kfac_low_rank: int | None = knobs["kfac_low_rank"]
         self.kfac_async: bool = knobs["kfac_async"]
         self.kfac_refine: int = knobs["kfac_refine"]
+        self.kfac_split_decompositions: bool = knobs["kfac_split_decompositions"]
 
         self.group_defaults = {**defaults, "kfac_clip": self.kfac_clip}  # what a parameter group does not set itself
         self.param_groups = parameter_groups(model.parameters() if params is None else params, self.group_defaults)
@@ -117,6 +125,8 @@ class KFACPreconditioner:
         )
         self.curvature: dict[KFACBlock, BlockCurvature] = {b: kind() for b, kind in self.curvature_types.items()}
         self.background = BackgroundDecomposition()
+        # (world size, each block's owner) of split decompositions, made at first use
+        self._block_owners: tuple[int, dict[KFACBlock, int]] | None = None
         self.solver = KroneckerSolver(self.kfac_refine)
         # flat buffers per parameter group, built at first use (and after loading); their batches' stacked solve
         # factors are rebuilt after every curvature update
@@ -148,10 +158,10 @@ class KFACPreconditioner:
         :return: whether the statistics were updated
         """
         calls = self.statistics.take_saved()
-        if calls is None:
+        if calls is None and not distributed.is_data_parallel():
             return False
         self.follow_parameters()
-        return self.statistics.update(fisher_loss, calls)
+        return self.statistics.update(fisher_loss, calls or [])  # a rank without samples joins the reduction
 
     # ------------------------------------------------------------------ curvature
     @th.no_grad()
@@ -164,11 +174,32 @@ class KFACPreconditioner:
         self._apply(job, self.counters.stats_updates)
 
     def _curvature_job(self, snapshot: bool) -> CurvatureJob:
-        factors = self.statistics.factors
-        return CurvatureJob([(b, factors[b], self.curvature[b]) for b in self.blocks if b in factors], snapshot)
+        factors, owners = self.statistics.factors, self._owners()
+        owned = [b for b in self.blocks if b in factors and (owners is None or owners[b] == distributed.rank())]
+        return CurvatureJob([(b, factors[b], self.curvature[b]) for b in owned], snapshot)
+
+    def _owners(self) -> dict[KFACBlock, int] | None:
+        """Each block's owner when the decompositions are split across data-parallel ranks, else None."""
+        if not (self.kfac_split_decompositions and distributed.is_data_parallel()):
+            return None
+        world_size = distributed.world_size()
+        if self._block_owners is None or self._block_owners[0] != world_size:
+            low_rank = {kind: self.kfac_low_rank if issubclass(kind, LOW_RANK_TYPES) else None
+                        for kind in self.curvature_types.values()}  # fmt: skip
+            costs = [decomposition_cost(b, low_rank[self.curvature_types[b]]) for b in self.blocks]
+            self._block_owners = (world_size, dict(zip(self.blocks, assign_owners(costs, world_size))))
+        return self._block_owners[1]
+
+    @property
+    def splits_decompositions(self) -> bool:
+        """Whether the decompositions are split across data-parallel ranks (applying them is then collective)."""
+        return self._owners() is not None
 
     def _apply(self, job: CurvatureJob, stats_updates: int) -> None:
         curvature, failures = job.apply()
+        owners = self._owners()
+        if owners is not None:  # the other blocks from their owners (here, in the thread of every collective)
+            curvature, failures = exchange_curvature(self.blocks, owners, curvature, self.curvature, failures)
         self.curvature.update(curvature)
         for message in failures:
             warnings.warn(message)

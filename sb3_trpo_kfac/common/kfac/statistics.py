@@ -15,7 +15,9 @@ from typing import Any
 import torch as th
 from torch import nn
 
+from sb3_trpo_kfac.common.distributed import is_data_parallel
 from sb3_trpo_kfac.common.kfac.blocks import KFACBlock
+from sb3_trpo_kfac.common.kfac.distributed import all_reduce_moments
 from sb3_trpo_kfac.common.kfac.schedule import KFACCounters
 
 # one saved call of a block's layer: (the module called, its input, the input's version counter, its output)
@@ -133,7 +135,9 @@ class FactorStatistics:
         :param calls: from :meth:`take_saved`
         :return: whether the factors were updated (False if no call reaches the loss or the statistics are not finite)
         """
-        deltas = th.autograd.grad(fisher_loss, [out for *_, out in calls], retain_graph=True, allow_unused=True)
+        outputs = [out for *_, out in calls]
+        # a data-parallel rank without samples still joins the others' reduction below
+        deltas = th.autograd.grad(fisher_loss, outputs, retain_graph=True, allow_unused=True) if calls else []
         # per block: [Σ ā āᵀ, Σ δ δᵀ, rows, N] over its calls
         sums: dict[KFACBlock, list[Any]] = {}
         shared: dict[tuple[object, ...], th.Tensor] = {}
@@ -153,12 +157,14 @@ class FactorStatistics:
                     )
                 else:
                     acc[0], acc[1], acc[2] = acc[0] + a_sum, acc[1] + g_sum, acc[2] + rows
-            if not sums:
-                return False
             for acc in sums.values():
                 locations = acc[2] // acc[3]  # T per sample
                 if locations != 1:  # out of place: blocks fed the same input share one moment tensor
                     acc[0], acc[1] = acc[0] / locations**2, acc[1] * locations
+            if is_data_parallel():  # the sums and counts of all ranks' samples
+                sums = all_reduce_moments(self.blocks, sums)
+            if not sums:
+                return False
             moments = [t for a_sum, g_sum, *_ in sums.values() for t in (a_sum, g_sum)]
             # a norm is finite only if every entry is: one fused reduction guards all factors (torch's _foreach
             # kernels are private, but one call for all blocks is what keeps small networks cheap)
