@@ -6,7 +6,6 @@ from typing import Any, ClassVar, TypeVar
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.buffers import RolloutBuffer
-from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.policies import ActorCriticCnnPolicy, ActorCriticPolicy, BasePolicy, MultiInputActorCriticPolicy
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, PyTorchObs, Schedule
 from stable_baselines3.common.utils import explained_variance
@@ -14,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from sb3_trpo_kfac.common import distributed
+from sb3_trpo_kfac.common.data_parallel import DataParallelAlgorithm
 from sb3_trpo_kfac.common.gradient_clipping import clip_grad_norm_
 from sb3_trpo_kfac.common.kfac import KFAC
 from sb3_trpo_kfac.common.kfac.options import check_kfac_arguments, check_momentum
@@ -51,7 +51,7 @@ def normalized_advantages(advantages: th.Tensor) -> th.Tensor:
     return (advantages - mean) / (variance.sqrt() + 1e-8)
 
 
-class ACKTR(OnPolicyAlgorithm):
+class ACKTR(DataParallelAlgorithm):
     """
     Actor Critic using Kronecker-Factored Trust Region (ACKTR): A2C's loss, its gradient preconditioned by K-FAC
     (:class:`sb3_trpo_kfac.common.kfac.KFAC`) with a trust-region bound on the step.
