@@ -194,3 +194,11 @@ def test_trpo_learning_runs_each_implementations_entry():
             assert_runs_entry(record, our_entries("trpo")[record["env_id"]], "sb3_trpo_kfac")
         else:
             assert_runs_entry(record, rl_zoo3_entries("trpo")[record["env_id"]], "rl_zoo3")
+
+
+def test_data_parallel_throughput_runs_both_algorithms_with_one_and_two_ranks_on_the_same_per_rank_batch():
+    records = {r["algo"]: r for r in dry_run_records("data_parallel_throughput.py", "--step-ms", "3")}
+    assert set(records) == {"trpo", "acktr"}
+    for record in records.values():
+        assert record["world_sizes"] == [1, 2] and record["step_ms"] == 3.0
+        assert record["n_envs_per_rank"] == 4 and record["kwargs"]["n_steps"] == 64
