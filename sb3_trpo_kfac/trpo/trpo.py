@@ -75,6 +75,14 @@ class TRPO(DataParallelAlgorithm):
     ``train/critic_skipped_steps`` (since the start of training). A zero policy gradient is logged as
     ``train/zero_gradient_step``.
 
+    Data-parallel (built inside a ``torch.distributed`` process group of several processes, e.g. under ``torchrun``;
+    see :mod:`sb3_trpo_kfac.common.data_parallel` for seeds, logging and what is per rank): the update is the one on
+    all ranks' samples. The gradient, every Fisher-vector product (one all-reduce per CG iteration), the K-FAC
+    preconditioner's statistics, the advantage normalisation and the line search's surrogate and KL are means over
+    all ranks, so every rank takes the same step and the same decisions (a candidate or critic minibatch that is not
+    finite on one rank is rejected on all). ``n_steps``, ``batch_size`` and ``fisher_subsample`` apply per rank; each
+    rank fits the critic on its own minibatches, with gradients averaged over ranks.
+
     :param policy: The policy model to use (MlpPolicy, CnnPolicy, ...)
     :param env: The environment to learn from (if registered in Gym, can be str)
     :param learning_rate: The learning rate for the value function, it can be a function

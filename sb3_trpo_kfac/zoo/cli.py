@@ -114,6 +114,10 @@ examples:
   {prog} enjoy --algo acktr --env CartPole-v1 -f logs/
   {prog} record_video --algo acktr --env CartPole-v1 -f logs/ -n 500
   {prog} train --algo trpo --env Pendulum-v1 -optimize --n-trials 100 --storage study.log --study-name trpo-pendulum
+
+data-parallel (one process per rank; -n, --eval-freq, --save-freq count all ranks' steps, --n-envs and the
+entry's n_envs / n_steps are per rank; rank 0 alone writes the log folder):
+  torchrun --nproc-per-node 2 -m {PACKAGE} train --algo trpo --env CartPole-v1
 """
 
 
