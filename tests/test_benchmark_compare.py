@@ -339,3 +339,9 @@ def test_queue_adopts_a_zoo_run_started_by_hand(tmp_path):
     assert launches["a2c/PongNoFrameskip-v4/seed1"]["resume_from"] == str(exp / "rl_model_50000_steps.zip")
     _, options_given = zoo_options(launches["a2c/PongNoFrameskip-v4/seed1"]["command"])
     assert options_given["-n"] == "950000"
+def test_data_parallel_throughput_runs_both_algorithms_with_one_and_two_ranks_on_the_same_per_rank_batch():
+    records = {r["algo"]: r for r in dry_run_records("data_parallel_throughput.py", "--step-ms", "3")}
+    assert set(records) == {"trpo", "acktr"}
+    for record in records.values():
+        assert record["world_sizes"] == [1, 2] and record["step_ms"] == 3.0
+        assert record["n_envs_per_rank"] == 4 and record["kwargs"]["n_steps"] == 64

@@ -6,7 +6,6 @@ from typing import Any, ClassVar, TypeVar
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.buffers import RolloutBuffer
-from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.policies import ActorCriticCnnPolicy, ActorCriticPolicy, BasePolicy, MultiInputActorCriticPolicy
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, PyTorchObs, Schedule
 from stable_baselines3.common.utils import explained_variance
@@ -14,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from sb3_trpo_kfac.common import distributed
+from sb3_trpo_kfac.common.data_parallel import DataParallelAlgorithm, normalize_advantages
 from sb3_trpo_kfac.common.gradient_clipping import clip_grad_norm_
 from sb3_trpo_kfac.common.kfac import KFAC
 from sb3_trpo_kfac.common.kfac.options import check_kfac_arguments, check_momentum
@@ -41,17 +41,7 @@ SelfACKTR = TypeVar("SelfACKTR", bound="ACKTR")
 RENAMED = {"damping": "kfac_damping", "stats_decay": "kfac_stats_decay", "cold_iter": "kfac_cold_iter"}
 
 
-def normalized_advantages(advantages: th.Tensor) -> th.Tensor:
-    """``(Â − mean) / (std + 1e-8)``, mean and (unbiased) std over the samples of all data-parallel ranks."""
-    if not distributed.is_data_parallel():
-        return (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-    count = distributed.world_size() * advantages.numel()  # every rank holds a batch of the same size
-    mean = distributed.mean_over_ranks(advantages.mean())
-    variance = distributed.mean_over_ranks(((advantages - mean) ** 2).sum()) * distributed.world_size() / (count - 1)
-    return (advantages - mean) / (variance.sqrt() + 1e-8)
-
-
-class ACKTR(OnPolicyAlgorithm):
+class ACKTR(DataParallelAlgorithm):
     """
     Actor Critic using Kronecker-Factored Trust Region (ACKTR): A2C's loss, its gradient preconditioned by K-FAC
     (:class:`sb3_trpo_kfac.common.kfac.KFAC`) with a trust-region bound on the step.
@@ -384,7 +374,7 @@ class ACKTR(OnPolicyAlgorithm):
 
             advantages = rollout_data.advantages
             if self.normalize_advantage:
-                advantages = normalized_advantages(advantages)
+                advantages = normalize_advantages(advantages)
 
             policy_loss = -(advantages * log_prob).mean()
             value_loss = F.mse_loss(rollout_data.returns, values)

@@ -8,7 +8,7 @@ single-process code path pays nothing. Every rank holds a batch of the same size
 so a mean over ranks of per-rank means is the mean over the union of the batches.
 """
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch as th
 from torch import distributed as dist
@@ -66,6 +66,21 @@ def mean_over_ranks(tensor: th.Tensor) -> th.Tensor:
     out = tensor.detach().clone()
     dist.all_reduce(out)
     return out / world_size()
+
+
+def mean_over_ranks_of(matvec: Callable[[th.Tensor], th.Tensor]) -> Callable[[th.Tensor], th.Tensor]:
+    """
+    ``v ↦ mean over ranks of matvec(v)``, for a product with a matrix that is a mean over samples (a Fisher): called
+    with the same ``v`` on every rank, it is the product with the matrix of all ranks' samples. ``matvec`` itself
+    outside a data-parallel run.
+    """
+    if not is_data_parallel():
+        return matvec
+
+    def mean_product(vector: th.Tensor) -> th.Tensor:
+        return mean_over_ranks(matvec(vector))
+
+    return mean_product
 
 
 def all_reduce_gradients_(parameters: Iterable[th.nn.Parameter]) -> None:

@@ -9,14 +9,15 @@ import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.distributions import Distribution
-from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, PyTorchObs, Schedule
 from stable_baselines3.common.utils import explained_variance
 from torch import nn
 from torch.nn import functional as F
 
+from sb3_trpo_kfac.common import distributed
 from sb3_trpo_kfac.common.conjugate_gradient import conjugate_gradient
+from sb3_trpo_kfac.common.data_parallel import DataParallelAlgorithm, normalize_advantages
 from sb3_trpo_kfac.common.fisher import (
     LinearCall,
     detached_distribution,
@@ -49,7 +50,7 @@ SelfTRPO = TypeVar("SelfTRPO", bound="TRPO")
 CG_PRECONDITIONERS = (None, "kfac")
 
 
-class TRPO(OnPolicyAlgorithm):
+class TRPO(DataParallelAlgorithm):
     """
     Trust Region Policy Optimization (TRPO), with exact Gauss-Newton Fisher-vector products.
 
@@ -73,6 +74,14 @@ class TRPO(OnPolicyAlgorithm):
     and logged as ``train/non_finite_step``, such critic minibatches are skipped and counted in
     ``train/critic_skipped_steps`` (since the start of training). A zero policy gradient is logged as
     ``train/zero_gradient_step``.
+
+    Data-parallel (built inside a ``torch.distributed`` process group of several processes, e.g. under ``torchrun``;
+    see :mod:`sb3_trpo_kfac.common.data_parallel` for seeds, logging and what is per rank): the update is the one on
+    all ranks' samples. The gradient, every Fisher-vector product (one all-reduce per CG iteration), the K-FAC
+    preconditioner's statistics, the advantage normalisation and the line search's surrogate and KL are means over
+    all ranks, so every rank takes the same step and the same decisions (a candidate or critic minibatch that is not
+    finite on one rank is rejected on all). ``n_steps``, ``batch_size`` and ``fisher_subsample`` apply per rank; each
+    rank fits the critic on its own minibatches, with gradients averaged over ranks.
 
     :param policy: The policy model to use (MlpPolicy, CnnPolicy, ...)
     :param env: The environment to learn from (if registered in Gym, can be str)
@@ -271,7 +280,7 @@ class TRPO(OnPolicyAlgorithm):
         """
         actor_params, _ = self._split_parameters(observations)
         if self.normalize_advantage:
-            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+            advantages = normalize_advantages(advantages)
 
         kfac = self._kfac_preconditioner(actor_params) if self.cg_preconditioner == "kfac" else None
         collect: contextlib.AbstractContextManager[Any] = kfac.collect() if kfac is not None else contextlib.nullcontext()
@@ -285,6 +294,9 @@ class TRPO(OnPolicyAlgorithm):
         log_prob = distribution.log_prob(actions)
         objective = (advantages * th.exp(log_prob - old_log_prob)).mean()
         gradient = flat_concat(th.autograd.grad(objective, actor_params, retain_graph=True))
+        objective = objective.detach()
+        # the mean over all ranks' samples; a non-finite entry on any rank makes the sum non-finite on every rank
+        distributed.all_reduce_mean_([gradient, objective])
 
         stats = {
             "policy_objective": objective.item(),
@@ -319,7 +331,9 @@ class TRPO(OnPolicyAlgorithm):
                 fisher_distribution = self.policy.get_distribution(index_observations(observations, slice(0, n_fisher)))
         else:
             fisher_distribution = distribution
-        fisher = gauss_newton_fisher(fisher_distribution, actor_params, damping=self.cg_damping, linear_calls=calls)
+        fisher = distributed.mean_over_ranks_of(
+            gauss_newton_fisher(fisher_distribution, actor_params, damping=self.cg_damping, linear_calls=calls)
+        )
 
         solve = conjugate_gradient(fisher, gradient, max_iter=self.cg_max_steps, preconditioner=preconditioner)
         stats["cg_residual"] = solve.relative_residual
@@ -375,16 +389,19 @@ class TRPO(OnPolicyAlgorithm):
         """
         The surrogate and mean KL(π_old ‖ π) of the policy's current parameters (a line-search candidate).
 
-        :return: ``(objective, kl)``, or None when the candidate is not a valid policy: a distribution parameter
-            torch's validation refuses (e.g. a scale that overflowed to inf or 0) or a non-finite objective or KL
+        :return: ``(objective, kl)`` (means over all ranks' samples), or None when the candidate is not a valid
+            policy on some rank: a distribution parameter torch's validation refuses (e.g. a scale that overflowed to
+            inf or 0) or a non-finite objective or KL
         """
         try:
             distribution = self.policy.get_distribution(observations)
             objective = (advantages * th.exp(distribution.log_prob(actions) - old_log_prob)).mean()
             kl = mean_kl(old_distribution, distribution)
         except ValueError:
-            # torch.distributions' argument validation; the same forward passed at θ_old, so the values are at fault
-            return None
+            # torch.distributions' argument validation; the same forward passed at θ_old, so the values are at fault.
+            # NaN rather than an early return: every rank must join the reduction and reject the candidate.
+            objective, kl = advantages.new_tensor(float("nan")), advantages.new_tensor(float("nan"))
+        distributed.all_reduce_mean_([objective, kl])
         if not (th.isfinite(objective) and th.isfinite(kl)):
             return None
         return objective, kl
@@ -411,6 +428,9 @@ class TRPO(OnPolicyAlgorithm):
                 optimizer.zero_grad()
                 # Gradients for critic parameters only: the policy step alone moves actor parameters.
                 grads = th.autograd.grad(value_loss, critic_params, allow_unused=True)
+                if distributed.is_data_parallel():  # averaged over ranks, so the skip below is decided alike
+                    value_loss = value_loss.detach()
+                    distributed.all_reduce_mean_([value_loss, *(grad for grad in grads if grad is not None)])
                 norms = th._foreach_norm([grad for grad in grads if grad is not None])
                 if not bool(th.isfinite(th.stack([value_loss.detach(), *norms])).all()):
                     self._critic_skipped_steps += 1

@@ -114,6 +114,10 @@ examples:
   {prog} enjoy --algo acktr --env CartPole-v1 -f logs/
   {prog} record_video --algo acktr --env CartPole-v1 -f logs/ -n 500
   {prog} train --algo trpo --env Pendulum-v1 -optimize --n-trials 100 --storage study.log --study-name trpo-pendulum
+
+data-parallel (one process per rank; -n, --eval-freq, --save-freq count all ranks' steps, --n-envs and the
+entry's n_envs / n_steps are per rank; rank 0 alone writes the log folder):
+  torchrun --nproc-per-node 2 -m {PACKAGE} train --algo trpo --env CartPole-v1
 """
 
 
@@ -338,6 +342,10 @@ def _run(prog: str, name: str, args: list[str]) -> None:
     # rl-zoo3's scripts parse sys.argv themselves.
     sys.argv = [f"{prog} {name}", *args]
     with contextlib.ExitStack() as stack:
+        if name == "train":  # under torchrun with several processes: this rank's arguments, in a process group
+            from sb3_trpo_kfac.zoo.data_parallel import data_parallel_train  # imports torch
+
+            sys.argv = [sys.argv[0], *stack.enter_context(data_parallel_train(prog, args))]
         if name in ("record_training", "push_to_hub"):
             stack.enter_context(_ffmpeg_on_path(prog, name))
         if name in ("record_training", "benchmark"):

@@ -20,7 +20,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 from sb3_trpo_kfac import ACKTR
 from sb3_trpo_kfac.common import distributed
 
-from ._spawn import run_ranks
+from .helpers import run_ranks
 
 N_STEPS = 4  # per environment; one environment per rank, two in the single process
 UPDATES = 3  # the third applies the background decomposition the second started (kfac_async)

@@ -14,7 +14,7 @@ from sb3_trpo_kfac.common import distributed
 from sb3_trpo_kfac.common.kfac import KFAC
 from sb3_trpo_kfac.common.kfac.distributed import assign_owners, decomposition_cost, split_by_default
 
-from ._spawn import run_ranks
+from .helpers import run_ranks
 
 N = 8  # samples per rank
 STEPS = 3  # the third applies the background decomposition the second started (kfac_async)
