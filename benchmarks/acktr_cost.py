@@ -29,7 +29,8 @@ over all of them; a block covers whole cycles of the amortized settings. Printed
 median of the per-round ratios, the figure to read on a shared machine (on ours, neighbouring blocks of the same
 model differed by up to 2x, and a few slow blocks move the total). ACKTR runs with each setting in ``ACKTR_KWARGS``:
 
-- mlp "fresh": eigendecompositions and statistics at every update (ACKTR's defaults);
+- mlp "fresh": eigendecompositions and statistics at every update (SB2's cadence, ACKTR's defaults until
+  2026-11-30);
 - mlp "fresh async": the same with ``kfac_async=True``: the eigendecompositions run in a background thread
   overlapped with the next rollout (each update uses the previous update's basis);
 - mlp "every 4" / "every 8": statistics every 4 / 8 updates, each decomposed at once (the updates in between
@@ -64,13 +65,13 @@ ATARI_ENV = "PongNoFrameskip-v4"
 
 ACKTR_KWARGS: dict[str, dict[str, dict[str, Any]]] = {
     "mlp": {
-        "fresh": dict(kfac_update=1, kfac_async=False),
-        "fresh async": dict(kfac_update=1, kfac_async=True),
+        "fresh": dict(kfac_stats_interval=1, kfac_update=1, kfac_async=False),
+        "fresh async": dict(kfac_stats_interval=1, kfac_update=1, kfac_async=True),
         "every 4": dict(kfac_stats_interval=4, kfac_update=4, kfac_async=False),
         "every 8": dict(kfac_stats_interval=8, kfac_update=8, kfac_async=False),
         "every 8 async refine": dict(kfac_stats_interval=8, kfac_update=8, kfac_async=True, kfac_refine=1),
         # the floor of fresh statistics: no decomposition after the first one
-        "statistics only": dict(kfac_update=10**9, kfac_async=False),
+        "statistics only": dict(kfac_stats_interval=1, kfac_update=10**9, kfac_async=False),
         # the floor of any cadence: statistics and basis of the first update kept (the K-FAC step alone)
         "fixed": dict(kfac_stats_interval=10**9, kfac_update=10**9, kfac_async=False),
     },
