@@ -1,14 +1,15 @@
 """
 Optuna tuning throughput with 1 and with 2 ``-optimize`` workers sharing one study on PostgreSQL.
 
-Each round runs a fresh study of ``--trials`` trials twice, in turn: once by one worker (``--n-trials T``), once by two
-worker processes started together (``--n-trials T/2`` each), every trial a tiny ACKTR budget on CartPole-v1 (the
-random sampler, no pruner). Reported per configuration: trials per minute between the first trial's start and the
-last trial's end (the tuning itself), and per study from launch to the last worker's exit (process start-up and the
-report included). Without ``--storage`` a throwaway PostgreSQL cluster is started (``tests/postgres.py``: the server
-binaries and ``sb3_trpo_kfac[tune]`` are needed).
+Each round tunes a fresh study of ``--trials`` trials twice, in turn, with the same trials both times: two worker
+processes (``--n-trials T/2`` each, seeds s and s + 1; the random sampler draws the same values whatever the study
+holds) run one after the other ("1 worker"), then together ("2 workers"). Every trial is a tiny ACKTR budget on
+CartPole-v1 (no pruner). Reported: trials per minute of tuning, i.e. T over the time from a worker's first trial start
+to its last trial end (summed over the workers run one after the other; process start-up excluded). Without
+``--storage`` a throwaway PostgreSQL cluster is started (``tests/postgres.py``: the server binaries and
+``sb3_trpo_kfac[tune]`` are needed).
 
-    python benchmarks/tuning_workers.py [--trials 8] [--rounds 3] [--timesteps 2000] [--storage postgresql://...]
+    python benchmarks/tuning_workers.py [--trials 6] [--rounds 2] [--timesteps 1000] [--storage postgresql://...]
 """
 
 import argparse
@@ -18,7 +19,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,38 +42,56 @@ def storage_url(given: str | None) -> Iterator[str]:
         yield url
 
 
-def run_study(url: str, name: str, n_workers: int, trials: int, timesteps: int, first_seed: int, folder: Path) -> dict:
+def run_study(url: str, name: str, concurrent: bool, trials: int, timesteps: int, seed: int, folder: Path) -> dict:
     optuna.create_study(storage=url, study_name=name, direction="maximize")  # once, before the workers
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     commands = [
         [
             sys.executable, "-m", "sb3_trpo_kfac", "train", "--algo", "acktr", "--env", "CartPole-v1", "-optimize",
-            "--storage", url, "--study-name", name, "--n-trials", str(trials // n_workers), "--n-jobs", "1",
+            "--storage", url, "--study-name", name, "--n-trials", str(trials // 2), "--n-jobs", "1",
             "-n", str(timesteps), "--sampler", "random", "--pruner", "none", "--n-evaluations", "1",
-            "--eval-episodes", "2", "--no-optim-plots", "--seed", str(first_seed + worker),
+            "--eval-episodes", "2", "--no-optim-plots", "--seed", str(seed + worker),
             "-f", str(folder / f"{name}_{worker}"), "--num-threads", "1", "--eval-freq", "-1",
         ]
-        for worker in range(n_workers)
+        for worker in range(2)
     ]
-    start = time.monotonic()
-    workers = [subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for command in commands]
-    for worker in workers:
+
+    def start(command: list[str]) -> subprocess.Popen:
+        return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def finish(worker: subprocess.Popen) -> None:
         _, error = worker.communicate()
         if worker.returncode != 0:
             raise RuntimeError(f"worker failed:\n{error.decode()[-3000:]}")
-    wall = time.monotonic() - start
+
+    if concurrent:
+        for worker in [start(command) for command in commands]:
+            finish(worker)
+    else:
+        for command in commands:
+            finish(start(command))
     finished = optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
     if len(finished) != trials:
         raise RuntimeError(f"study {name}: {len(finished)} trials, expected {trials}")
-    tuning = (max(t.datetime_complete for t in finished) - min(t.datetime_start for t in finished)).total_seconds()
-    return {"workers": n_workers, "wall_s": wall, "tuning_s": tuning, "trials_per_min": 60 * trials / tuning}
+    by_worker: dict[str, list] = {}
+    for trial in finished:
+        by_worker.setdefault(trial.user_attrs["worker"], []).append(trial)
+    spans = [
+        (max(t.datetime_complete for t in share) - min(t.datetime_start for t in share)).total_seconds()
+        for share in by_worker.values()
+    ]
+    if concurrent:
+        tuning = (max(t.datetime_complete for t in finished) - min(t.datetime_start for t in finished)).total_seconds()
+    else:
+        tuning = sum(spans)
+    return {"workers": 2 if concurrent else 1, "tuning_s": tuning, "trials_per_min": 60 * trials / tuning}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    parser.add_argument("--trials", type=int, default=8, help="trials per study (even)")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--timesteps", type=int, default=2000, help="-n of every trial")
+    parser.add_argument("--trials", type=int, default=6, help="trials per study (even)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--timesteps", type=int, default=1000, help="-n of every trial")
     parser.add_argument("--storage", help="an existing database URL (default: a throwaway PostgreSQL cluster)")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "tuning_workers.json")
     args = parser.parse_args()
@@ -88,10 +106,9 @@ def main() -> None:
 
         def study(n_workers: int) -> None:
             index = next(counter)
-            # the same seeds for both configurations of a round: worker 0 samples the same first trials
-            seed = 1000 + 10 * (index // 2)
+            seed = 1000 + 10 * (index // 2)  # the same for both configurations of a round: the same trials
             name = f"tuning-workers-{os.getpid()}-{index}"
-            records.append(run_study(url, name, n_workers, args.trials, args.timesteps, seed, folder))
+            records.append(run_study(url, name, n_workers == 2, args.trials, args.timesteps, seed, folder))
 
         runs = {"1 worker": lambda: study(1), "2 workers": lambda: study(2)}
         time_in_turn(runs, rounds=args.rounds, warm_up={name: lambda: None for name in runs})
@@ -101,12 +118,12 @@ def main() -> None:
         mine = [record for record in records if record["workers"] == n_workers]
         summary[n_workers] = {
             "trials_per_min_median": statistics.median(record["trials_per_min"] for record in mine),
-            "wall_s_median": statistics.median(record["wall_s"] for record in mine),
+            "tuning_s_median": statistics.median(record["tuning_s"] for record in mine),
         }
         print(
             f"{n_workers} worker(s): {summary[n_workers]['trials_per_min_median']:.1f} trials/min (median of "
             f"{len(mine)}: {[round(record['trials_per_min'], 1) for record in mine]}), "
-            f"{summary[n_workers]['wall_s_median']:.0f} s per study of {args.trials} trials"
+            f"{summary[n_workers]['tuning_s_median']:.0f} s of tuning per study of {args.trials} trials"
         )
     print(f"speedup, trials/min: {summary[2]['trials_per_min_median'] / summary[1]['trials_per_min_median']:.2f}x")
     args.output.parent.mkdir(parents=True, exist_ok=True)
