@@ -192,3 +192,21 @@ def test_save_load_continues_bit_for_bit(tmp_path) -> None:
     for p, q in zip(model.policy.parameters(), loaded.policy.parameters(), strict=True):
         assert th.equal(p, q)
     assert np.isfinite(model.logger.name_to_value["train/kl"])
+
+
+def test_the_factor_follows_the_kl_averaged_over_ranks(monkeypatch) -> None:
+    """Data-parallel: every rank adapts on the mean over ranks (stood in for by a KL far above the target)."""
+    import sb3_trpo_kfac.acktr.acktr as acktr_module
+
+    reduced = []
+
+    def mean_over_ranks(tensor):
+        reduced.append(float(tensor))
+        return th.tensor(1.0)
+
+    monkeypatch.setattr(acktr_module, "mean_over_ranks", mean_over_ranks)
+    model = ACKTR("MlpPolicy", IdentityEnv(3), n_steps=16, target_kl=0.01, policy_kwargs=TINY, seed=0, device="cpu")
+    model.learn(16)
+    assert len(reduced) == 1 and reduced[0] < 0.005  # the local KL would have grown the factor
+    assert model.logger.name_to_value["train/kl"] == 1.0
+    assert model.kl_step_factor == pytest.approx(1 / 1.5)
