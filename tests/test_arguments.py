@@ -156,6 +156,10 @@ CASES = {
         ("vf_fisher_coef", -1.0, V),
         ("vf_fisher_coef", INF, V),
         ("kfac_cold_iter", -2, V),
+        ("target_kl", 0.0, V),
+        ("target_kl", INF, V),
+        ("target_kl", NAN, V),
+        ("target_kl", "0.002", T),
     ],
 }
 

@@ -6,6 +6,7 @@ from typing import Any, ClassVar, TypeVar
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.distributions import Distribution
 from stable_baselines3.common.policies import ActorCriticCnnPolicy, ActorCriticPolicy, BasePolicy, MultiInputActorCriticPolicy
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, PyTorchObs, Schedule
 from stable_baselines3.common.utils import explained_variance
@@ -13,7 +14,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from sb3_trpo_kfac.common import distributed
+from sb3_trpo_kfac.common.adaptive_step import adapt_kl_step_factor, scale_kfac_step
 from sb3_trpo_kfac.common.data_parallel import DataParallelAlgorithm, normalize_advantages
+from sb3_trpo_kfac.common.distributed import mean_over_ranks
+from sb3_trpo_kfac.common.fisher import detached_distribution, mean_kl
 from sb3_trpo_kfac.common.gradient_clipping import clip_grad_norm_
 from sb3_trpo_kfac.common.kfac import KFAC
 from sb3_trpo_kfac.common.kfac.options import check_kfac_arguments, check_momentum
@@ -160,6 +164,16 @@ class ACKTR(DataParallelAlgorithm):
         and runs these updates with momentum at the learning rate itself, without the ``(1 − momentum)`` factor, i.e.
         about 10x larger at momentum 0.9. Our default 0 uses K-FAC from the first update (its factors come from that
         update's own batch).
+    :param target_kl: If set, the step size follows the measured KL, as in OpenAI baselines' continuous-control ACKTR
+        (target 0.002 there): after each update the mean KL(π_old ‖ π_new) of the policy on the batch (a mean over
+        ranks when data-parallel) is compared with this target, and a step factor f is divided by 1.5 when it is above
+        ``2 · target_kl`` and multiplied by 1.5 when below ``target_kl / 2``, within [0.01, 10]. f scales the whole step
+        of the policy's parameters (those of the critic's own trust region, with ``vf_kfac_clip``, keep theirs): the
+        learning rate by f and ``kfac_clip`` by f², which leaves ν unchanged, so the step is f times the one without
+        the rule whether the trust region binds or not (baselines scales the learning rate alone, which does nothing
+        while the trust region binds, as it does at every update of our HalfCheetah-v5 entry). A non-finite KL, or an
+        update with a skipped step, leaves f. f (``kl_step_factor``) is saved with the model. Cost: two forward passes
+        of the actor on the batch per update (in eval mode, as in the rollout), none when ``None`` (default).
     :param stats_window_size: Window size for the rollout logging, specifying the number of episodes to average
         the reported success rate, mean episode length, and mean reward over
     :param tensorboard_log: the log location for tensorboard (if None, no logging)
@@ -215,6 +229,7 @@ class ACKTR(DataParallelAlgorithm):
         kfac_split_decompositions: bool | None = None,
         vf_fisher_coef: float = 1.0,
         kfac_cold_iter: int = 0,
+        target_kl: float | None = None,
         stats_window_size: int = 100,
         tensorboard_log: str | None = None,
         policy_kwargs: dict[str, Any] | None = None,
@@ -270,6 +285,8 @@ class ACKTR(DataParallelAlgorithm):
         )
         self.n_critic_updates = check_int("n_critic_updates", n_critic_updates, 1)
         self.vf_fisher_coef = check_float("vf_fisher_coef", vf_fisher_coef, 0.0)
+        self.target_kl = None if target_kl is None else check_float("target_kl", target_kl, 0.0, low_inclusive=False)
+        self.kl_step_factor = 1.0  # state of the target_kl rule, saved with the model
         # the K-FAC knobs: KFAC's own checks (options.py), run here too so that a bad value fails this early
         self.momentum = check_momentum(momentum)
         knobs = check_kfac_arguments(
@@ -359,6 +376,8 @@ class ACKTR(DataParallelAlgorithm):
         self.policy.set_training_mode(True)
         optimizer: KFAC = self.policy.optimizer  # type: ignore[assignment]
         self._update_learning_rate(optimizer)
+        if self.target_kl is not None:
+            scale_kfac_step(optimizer.param_groups[0], optimizer.param_groups[0]["lr"], self.kfac_clip, self.kl_step_factor)
 
         # This will only loop once (get all data in one go)
         for rollout_data in self.rollout_buffer.get(batch_size=None):
@@ -366,6 +385,9 @@ class ACKTR(DataParallelAlgorithm):
             if isinstance(self.action_space, spaces.Discrete):
                 # Convert discrete action from float to long
                 actions = actions.long().flatten()
+            if self.target_kl is not None:
+                old_distribution = self._rollout_distribution(rollout_data.observations)
+                skipped_before = optimizer.counters["skipped_steps"]
 
             update_stats = self._n_updates % self.kfac_stats_interval == 0
             with optimizer.collect() if update_stats else contextlib.nullcontext():
@@ -400,6 +422,9 @@ class ACKTR(DataParallelAlgorithm):
             optimizer.step()
             nus, vfvs = optimizer.last_nu, optimizer.last_vfv  # of the joint step, for the logs
             self._fit_critic(rollout_data.observations, rollout_data.returns)
+            if self.target_kl is not None:
+                skipped = optimizer.counters["skipped_steps"] > skipped_before
+                self._adapt_kl_step(rollout_data.observations, old_distribution, skipped)
 
         explained_var = explained_variance(self.rollout_buffer.values.flatten(), self.rollout_buffer.returns.flatten())
 
@@ -422,6 +447,28 @@ class ACKTR(DataParallelAlgorithm):
     def _fisher_value_noise(self, values: th.Tensor) -> th.Tensor:
         """ε ~ N(0, 1) per sample, the value's sample in the Fisher loss (drawn per rank in data-parallel training)."""
         return th.randn_like(values)
+
+    def _rollout_distribution(self, observations: PyTorchObs) -> Distribution:
+        """The policy's action distribution on the batch, detached, computed as in the rollout (eval mode)."""
+        self.policy.set_training_mode(False)
+        with th.no_grad():
+            distribution = detached_distribution(self.policy.get_distribution(observations))
+        self.policy.set_training_mode(True)
+        return distribution
+
+    def _adapt_kl_step(self, observations: PyTorchObs, old_distribution: Distribution, skipped: bool) -> None:
+        """
+        ``target_kl``'s rule after an update: the mean KL(π_old ‖ π_new) on the batch (over all ranks) sets the step
+        factor of the next update. The critic's extra steps move critic-only parameters, so the policy measured here is
+        the one the joint step made.
+        """
+        assert self.target_kl is not None
+        with th.no_grad():
+            kl = float(mean_over_ranks(mean_kl(old_distribution, self._rollout_distribution(observations))))
+        self.logger.record("train/kl_step_factor", self.kl_step_factor)  # the factor this update used
+        self.logger.record("train/kl", kl)
+        if not skipped:  # a skipped step did not move the policy: its zero KL says nothing of the step size
+            self.kl_step_factor = adapt_kl_step_factor(self.kl_step_factor, kl, self.target_kl)
 
     def _fit_critic(self, observations: PyTorchObs, returns: th.Tensor) -> None:
         """The ``n_critic_updates - 1`` extra K-FAC steps of the critic-only parameters on the value loss."""
