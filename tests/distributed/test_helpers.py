@@ -1,5 +1,6 @@
+import time
+
 import pytest
-from torch import distributed as dist
 from torch.multiprocessing import ProcessRaisedException
 
 from .helpers import run_ranks
@@ -8,7 +9,9 @@ from .helpers import run_ranks
 def _fail_on_rank_one(rank: int) -> None:
     if rank == 1:
         raise ValueError("rank one refuses")
-    dist.barrier()  # rank 0 would wait here forever if the failure did not end the run
+    # rank 0 outlives the timeout unless rank 1's failure ends the run (not a collective: rank 1's exit would make
+    # rank 0's collective fail too, and either error could be reported first)
+    time.sleep(60)
 
 
 # (results in rank order: every test of tests/distributed relies on them, e.g. test_dp_trpo compares rank 0 and 1)
