@@ -32,31 +32,33 @@ def is_data_parallel() -> bool:
     return world_size() > 1
 
 
+def _scatter_back_(flat: th.Tensor, tensors: Sequence[th.Tensor]) -> None:
+    """Copy consecutive slices of ``flat`` into ``tensors``, in place."""
+    offset = 0
+    with th.no_grad():
+        for tensor in tensors:
+            n = tensor.numel()
+            tensor.copy_(flat[offset : offset + n].view_as(tensor))
+            offset += n
+
+
+def all_reduce_sum_(tensors: Sequence[th.Tensor]) -> None:
+    """Replace each tensor by its sum over ranks, in place (one collective for all of them)."""
+    if not is_data_parallel() or len(tensors) == 0:
+        return
+    flat = th.cat([t.detach().reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    _scatter_back_(flat, tensors)
+
+
 def all_reduce_mean_(tensors: Sequence[th.Tensor]) -> None:
     """Replace each tensor by its mean over ranks, in place (one collective for all of them)."""
     if not is_data_parallel() or len(tensors) == 0:
         return
-    flat = th.cat([t.reshape(-1) for t in tensors])
+    flat = th.cat([t.detach().reshape(-1) for t in tensors])
     dist.all_reduce(flat)
     flat /= world_size()
-    offset = 0
-    for tensor in tensors:
-        n = tensor.numel()
-        tensor.copy_(flat[offset : offset + n].view_as(tensor))
-        offset += n
-
-
-def all_reduce_sum_(tensors: Sequence[th.Tensor]) -> None:
-    """Replace each tensor by its sum over ranks, in place."""
-    if not is_data_parallel() or len(tensors) == 0:
-        return
-    flat = th.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat)
-    offset = 0
-    for tensor in tensors:
-        n = tensor.numel()
-        tensor.copy_(flat[offset : offset + n].view_as(tensor))
-        offset += n
+    _scatter_back_(flat, tensors)
 
 
 def mean_over_ranks(tensor: th.Tensor) -> th.Tensor:
@@ -100,12 +102,7 @@ def broadcast_(tensors: Sequence[th.Tensor], src: int = 0) -> None:
         return
     flat = th.cat([t.detach().reshape(-1) for t in tensors])
     dist.broadcast(flat, src=src)
-    offset = 0
-    with th.no_grad():
-        for tensor in tensors:
-            n = tensor.numel()
-            tensor.copy_(flat[offset : offset + n].view_as(tensor))
-            offset += n
+    _scatter_back_(flat, tensors)
 
 
 def broadcast_module_(module: th.nn.Module, src: int = 0) -> None:
