@@ -52,6 +52,8 @@ class Algo:
     label: str  # how tables and plots name it
     module: str  # the zoo entry point run with `python -m`
     zoo_name: str  # its --algo
+    # --hyperparams overrides on top of the entry (a variant of a shipped entry, e.g. ACKTR with target_kl)
+    hyperparams: tuple[str, ...] = ()
 
 
 ALGOS = {
@@ -60,6 +62,8 @@ ALGOS = {
     "sb3-contrib-trpo": Algo("TRPO (sb3-contrib)", "rl_zoo3.train", "trpo"),
     "a2c": Algo("A2C (SB3)", "rl_zoo3.train", "a2c"),
     "ppo": Algo("PPO (SB3)", "rl_zoo3.train", "ppo"),
+    # issue 16 item 4: the shipped entry with baselines' continuous-control KL target
+    "acktr-kl": Algo("ACKTR (ours, target_kl 0.002)", "sb3_trpo_kfac", "acktr", ("target_kl:0.002",)),
 }
 
 
@@ -133,6 +137,7 @@ def train_command(
     command += ["--algo", algo.zoo_name, "--env", env, "--seed", str(seed), "-n", str(budget), "-f", str(folder)]
     command += ["--eval-freq", str(eval_freq), "--eval-episodes", str(setting.eval_episodes), "--n-eval-envs", "1"]
     command += ["--num-threads", "1", "--verbose", "0"]
+    command += ["--hyperparams", *algo.hyperparams] if algo.hyperparams else []
     return command + (["--conf-file", str(conf)] if conf is not None else [])
 
 
@@ -321,7 +326,10 @@ def main() -> None:
     parser.add_argument(
         "--envs", nargs="+", choices=list(ENVS), default=None, help="default: all (quick: CartPole, Pendulum)"
     )
-    parser.add_argument("--algos", nargs="+", choices=list(ALGOS), default=list(ALGOS))
+    variants = [name for name, algo in ALGOS.items() if algo.hyperparams]  # only on request
+    parser.add_argument(
+        "--algos", nargs="+", choices=list(ALGOS), default=[name for name in ALGOS if name not in variants]
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default: 0 1 2 (quick: 0 1)")
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel, one torch thread each")
     parser.add_argument("--quick", action="store_true", help="small budgets on CartPole and Pendulum, 2 seeds")

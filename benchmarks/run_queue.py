@@ -94,9 +94,12 @@ QUEUES: dict[str, list[Run]] = {
     "mujoco": _runs(
         "mujoco",
         {"Walker2d-v5": 1_000_000, "Ant-v5": 1_000_000, "Swimmer-v5": 1_000_000},
-        {"trpo": (0, 1, 2), "acktr": (0, 1, 2), "sb3-contrib-trpo": (0,), "a2c": (0,)},
+        {"trpo": (0, 1, 2), "acktr": (0, 1, 2), "sb3-contrib-trpo": (0,), "a2c": (0,), "acktr-kl": (0, 1, 2)},
         eval_freq=50_000,
     ),
+    # item 4 on HalfCheetah: ACKTR's entry with target_kl, against its runs without (compare_with_peers.py's, evaluated
+    # alike); on the robots the mujoco queue runs both
+    "kl": _runs("kl", {"HalfCheetah-v5": 1_000_000}, {"acktr-kl": (0, 1, 2)}, eval_freq=50_000),
     # MountainCar: both entries' own budget; LunarLander and BipedalWalker: chosen (A2C's entries: 200k and 5M)
     "box2d": _runs(
         "box2d",
@@ -247,6 +250,7 @@ def zoo_command(
     command += ["--algo", algo.zoo_name, "--env", run.env, "--seed", str(run.seed), "-n", str(remaining)]
     command += ["-f", str(log_folder), "--num-threads", "1", "--save-freq", str(save_freq), "--verbose", "1"]
     command += ["--eval-freq", str(run.eval_freq)]
+    command += ["--hyperparams", *algo.hyperparams] if algo.hyperparams else []
     if run.eval_freq > 0:
         command += ["--eval-episodes", str(run.eval_episodes), "--n-eval-envs", "1"]
     command += ["--conf-file", str(conf)] if conf is not None else []

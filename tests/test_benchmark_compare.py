@@ -234,10 +234,17 @@ def test_queue_runs_each_zoo_command_one_thread_with_checkpoints(tmp_path):
     assert not (tmp_path / "pong").exists()  # a dry run launches nothing
 
     mujoco = queue_launches(tmp_path, "mujoco", "--parallel", "40")
-    assert len(mujoco) == 3 * (3 + 3 + 1 + 1)
-    for launch in mujoco:
+    assert len(mujoco) == 3 * (3 + 3 + 1 + 1 + 3)
+    kl = queue_launches(tmp_path, "kl", "--parallel", "40")
+    assert [launch["run"] for launch in kl] == [f"acktr-kl/HalfCheetah-v5/seed{seed}" for seed in (0, 1, 2)]
+    for launch in mujoco + kl:
         module, options = zoo_options(launch["command"])
         assert (options["--eval-freq"], options["--eval-episodes"]) == ("50000", "5")
+        # the target_kl variant: our command, the shipped entry and one override
+        variant = launch["run"].startswith("acktr-kl/")
+        assert (options.get("--hyperparams"), module == "sb3_trpo_kfac") == (
+            ("target_kl:0.002", True) if variant else (None, module == "sb3_trpo_kfac")
+        )
         if module == "rl_zoo3.train":  # the peers run rl-zoo3's -v4 entries for the -v5 robots
             copied = yaml.safe_load(Path(options["--conf-file"]).read_text())
             shipped = rl_zoo3_entries(options["--algo"])
