@@ -74,14 +74,14 @@ def main() -> None:
     preconditioner.update_curvature = timed(parts, "curvature", preconditioner.update_curvature)
     preconditioner.solver.solve = timed(parts, "solve", preconditioner.solver.solve)
 
-    runs = {name: functools.partial(learn_updates, model, args.updates) for name, model in (("A2C", a2c), ("ACKTR", acktr))}
+    models = {"A2C": a2c, "ACKTR": acktr}
+    runs = {name: functools.partial(learn_updates, model, args.updates) for name, model in models.items()}
     # a warm-up of whole cadence cycles; the snapshots taken before the warm-up and before every round leave the
     # timed rounds' parts as the difference from the second
-    warm_up = {
-        name: functools.partial(learn_updates, model, 2 * args.updates) for name, model in (("A2C", a2c), ("ACKTR", acktr))
-    }
+    warm_up = {name: functools.partial(learn_updates, model, 2 * args.updates) for name, model in models.items()}
     snapshots: list[collections.Counter] = []
-    times = time_in_turn(runs, args.rounds, warm_up=warm_up, before_each={"ACKTR": lambda: snapshots.append(parts.copy())})
+    before_each = {"ACKTR": lambda: snapshots.append(parts.copy())}
+    times = time_in_turn(runs, args.rounds, warm_up=warm_up, before_each=before_each)
     parts.subtract(snapshots[1])
     updates = args.rounds * args.updates
     per_update = {name: 1e3 * sum(seconds) / updates for name, seconds in times.items()}

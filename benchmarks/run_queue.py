@@ -7,6 +7,7 @@ A resumable queue of long benchmark runs through the real zoo commands (issue 16
     python benchmarks/run_queue.py pong --stop              # stop the driver and the runs it started (they resume)
     python benchmarks/run_queue.py pong --dry-run           # what the driver would launch now, one JSON line each
     python benchmarks/run_queue.py pong --adopt /work/runs/pong/logs/a2c/PongNoFrameskip-v4_1 --pid 11834
+    python benchmarks/run_queue.py pong --only acktr/PongNoFrameskip-v4/seed0 a2c/PongNoFrameskip-v4/seed1 --detach
     python benchmarks/zoo_report.py pong                    # the report (benchmarks/results/pong/)
 
 Every run is one zoo command, one process with one torch thread (``--num-threads 1``, OMP/MKL 1), at most
@@ -359,8 +360,21 @@ def driver_file(queue: str, root: Path) -> Path:
     return root / queue / "driver.json"
 
 
-def drive(queue: str, root: Path, parallel: int, save_freq: int, retry_failed: bool, poll: float) -> None:
-    """Launch runs in queue order, ``parallel`` at a time, until every run is done or failed."""
+def queue_runs(queue: str, only: list[str] | None) -> list[Run]:
+    """The queue's runs, or those named in ``only`` in that order (a ValueError names any it does not hold)."""
+    if only is None:
+        return QUEUES[queue]
+    runs = {run.name: run for run in QUEUES[queue]}
+    unknown = [name for name in only if name not in runs]
+    if unknown:
+        raise ValueError(f"--only: queue {queue} has no run {unknown} (its runs: {sorted(runs)})")
+    return [runs[name] for name in only]
+
+
+def drive(
+    queue: str, runs: list[Run], root: Path, parallel: int, save_freq: int, retry_failed: bool, poll: float
+) -> None:
+    """Launch ``runs`` in their order, ``parallel`` at a time, until every one is done or failed."""
     lock = driver_file(queue, root)
     other = read_json(lock).get("pid")
     if other and other != os.getpid() and pid_alive(other, SCRIPT.name):
@@ -375,7 +389,7 @@ def drive(queue: str, root: Path, parallel: int, save_freq: int, retry_failed: b
                 finish(segment, process.returncode)
                 del children[segment]
                 print(f"segment ended with exit code {process.returncode}: {segment}", flush=True)
-        states = [run_state(run, root) for run in QUEUES[queue]]
+        states = [run_state(run, root) for run in runs]
         for state in states:
             if state.state == "running":
                 prune_checkpoints(state.segments[-1])
@@ -501,14 +515,19 @@ def main() -> None:
     action.add_argument("--stop", action="store_true", help="stop the driver and the runs it started")
     action.add_argument("--adopt", type=Path, metavar="EXPERIMENT", help="a zoo experiment folder started by hand")
     parser.add_argument("--pid", type=int, help="with --adopt: the pid of the zoo command training it")
+    parser.add_argument("--only", nargs="+", metavar="RUN", help="drive (or list) only these runs, in this order")
     args = parser.parse_args()
     if args.parallel < 1 or args.save_freq < 1 or args.poll <= 0:
         parser.error("--parallel and --save-freq must be at least 1, --poll positive")
+    try:
+        runs = queue_runs(args.queue, args.only)
+    except ValueError as error:
+        parser.error(str(error))
     root = args.root.resolve()
     if args.status:
         print(format_status(args.queue, root))
     elif args.dry_run:
-        states = [run_state(run, root) for run in QUEUES[args.queue]]
+        states = [run_state(run, root) for run in runs]
         for state in startable(states, args.parallel, args.retry_failed):
             print(plan(state, root, args.save_freq).describe())
     elif args.stop:
@@ -523,7 +542,7 @@ def main() -> None:
             process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         print(f"driver of queue {args.queue} started (pid {process.pid}), log {log}")
     else:
-        drive(args.queue, root, args.parallel, args.save_freq, args.retry_failed, args.poll)
+        drive(args.queue, runs, root, args.parallel, args.save_freq, args.retry_failed, args.poll)
 
 
 if __name__ == "__main__":

@@ -251,6 +251,15 @@ def test_queue_runs_each_zoo_command_one_thread_with_checkpoints(tmp_path):
             assert copied == {env: shipped[env.replace("-v5", "-v4")] for env in ("Ant-v5", "Swimmer-v5", "Walker2d-v5")}
 
 
+def test_queue_drives_only_the_runs_named_in_their_order(tmp_path):
+    named = ["a2c/PongNoFrameskip-v4/seed1", "acktr/PongNoFrameskip-v4/seed0"]
+    launches = queue_launches(tmp_path, "pong", "--parallel", "8", "--only", *named)
+    assert [launch["run"] for launch in launches] == named
+    command = [sys.executable, str(QUEUE), "pong", "--dry-run", "--root", str(tmp_path), "--only", "acktr/Pong/seed9"]
+    refused = subprocess.run(command, check=False, capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and "--only: queue pong has no run ['acktr/Pong/seed9']" in refused.stderr
+
+
 def fake_segment(folder: Path, exp_name: str, start_steps: int, pid: int | None = None) -> Path:
     """A segment's record and zoo experiment folder, as run_queue.py and rl-zoo3 leave them."""
     exp = folder / "logs" / exp_name
