@@ -96,7 +96,7 @@ QUEUES: dict[str, list[Run]] = {
     "mujoco": _runs(
         "mujoco",
         {"Walker2d-v5": 1_000_000, "Ant-v5": 1_000_000, "Swimmer-v5": 1_000_000},
-        {"trpo": (0, 1, 2), "acktr": (0, 1, 2), "sb3-contrib-trpo": (0,), "a2c": (0,), "acktr-kl": (0, 1, 2)},
+        {"trpo": (0, 1, 2), "acktr": (0, 1, 2), "sb3-contrib-trpo": (0,), "a2c": (0,), "acktr-kl": (0,)},
         eval_freq=50_000,
     ),
     # item 4 on HalfCheetah: ACKTR's entry with target_kl, against its runs without (compare_with_peers.py's, evaluated
