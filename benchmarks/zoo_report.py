@@ -219,7 +219,8 @@ def plot(records: list[dict[str, Any]], curves: list[Curve], path: Path, title: 
             if record["env"] != env or not curve.returns.size:
                 continue
             label = f"{ALGOS[record['algo']].label} s{record['seed']}"
-            axis.plot(curve.steps, rolling_mean(curve.returns), color=colors[record["algo"]], lw=1, label=label)
+            style = ("-", "--", ":", "-.")[record["seed"] % 4]  # one color per algorithm, one line style per seed
+            axis.plot(curve.steps, rolling_mean(curve.returns), color=colors[record["algo"]], ls=style, lw=1, label=label)
         if THRESHOLDS.get(env) is not None:
             axis.axhline(THRESHOLDS[env], color="grey", linestyle=":", linewidth=1)
         axis.set(title=env, xlabel="env steps", ylabel=f"training return (mean of last {WINDOW} episodes)")
