@@ -90,7 +90,7 @@ BOX2D_SEEDS = (0, 1, 2, 3, 4)
 QUEUES: dict[str, list[Run]] = {
     # ACKTR's atari entry against rl-zoo3's a2c atari entry, 2M steps (8M frames); the first sessions ran every seed
     # to 1M (the issue's minimum) before extending seed 0
-    "pong": _runs("pong", {"PongNoFrameskip-v4": 2_000_000}, {"acktr": (0, 1), "a2c": (0, 1)}),
+    "pong": _runs("pong", {"PongNoFrameskip-v4": 3_000_000}, {"acktr": (0, 1), "a2c": (0, 1)}),
     "breakout": _runs("breakout", {"BreakoutNoFrameskip-v4": 1_000_000}, {"acktr": (0, 1), "a2c": (0, 1)}),
     # our TRPO and ACKTR on 3 seeds, the peers on seed 0; evaluated as compare_with_peers.py evaluates HalfCheetah
     "mujoco": _runs(

@@ -226,7 +226,7 @@ def test_queue_runs_each_zoo_command_one_thread_with_checkpoints(tmp_path):
         module, options = zoo_options(launch["command"])
         algo = launch["run"].split("/")[0]
         assert module == ("sb3_trpo_kfac" if algo == "acktr" else "rl_zoo3.train") and options["--algo"] == algo
-        assert (options["-n"], options["--num-threads"], options["--save-freq"]) == ("2000000", "1", "50000")
+        assert (options["-n"], options["--num-threads"], options["--save-freq"]) == ("3000000", "1", "50000")
         assert "--conf-file" not in options and "-i" not in options  # both entries' own "atari" entry; a new run
         assert Path(options["-f"]) == tmp_path / "pong" / launch["run"] / "seg00" / "logs"
         assert launch["resume_from"] is None and launch["start_steps"] == 0
@@ -343,7 +343,7 @@ def test_report_stitches_the_segments_of_a_run_in_steps_and_time(tmp_path):
 def test_queue_adopts_a_zoo_run_started_by_hand(tmp_path):
     exp = tmp_path / "by_hand" / "a2c" / "PongNoFrameskip-v4_1"
     (exp / "PongNoFrameskip-v4").mkdir(parents=True)
-    options = [("algo", "a2c"), ("env", "PongNoFrameskip-v4"), ("seed", 1), ("n_timesteps", 2_000_000)]
+    options = [("algo", "a2c"), ("env", "PongNoFrameskip-v4"), ("seed", 1), ("n_timesteps", 3_000_000)]
     options += [("log_folder", str(tmp_path / "by_hand"))]
     (exp / "PongNoFrameskip-v4" / "args.yml").write_text(yaml.dump(collections.OrderedDict(options)))  # as rl-zoo3
     write_model(exp / "rl_model_50000_steps.zip", 50_000)
@@ -354,7 +354,7 @@ def test_queue_adopts_a_zoo_run_started_by_hand(tmp_path):
     launches = {launch["run"]: launch for launch in queue_launches(tmp_path, "pong", "--parallel", "4")}
     assert launches["a2c/PongNoFrameskip-v4/seed1"]["resume_from"] == str(exp / "rl_model_50000_steps.zip")
     _, options_given = zoo_options(launches["a2c/PongNoFrameskip-v4/seed1"]["command"])
-    assert options_given["-n"] == "1950000"
+    assert options_given["-n"] == "2950000"
 def test_data_parallel_throughput_runs_both_algorithms_with_one_and_two_ranks_on_the_same_per_rank_batch():
     records = {r["algo"]: r for r in dry_run_records("data_parallel_throughput.py", "--step-ms", "3")}
     assert set(records) == {"trpo", "acktr"}
