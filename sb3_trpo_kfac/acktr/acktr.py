@@ -390,7 +390,7 @@ class ACKTR(DataParallelAlgorithm):
                 skipped_before = optimizer.counters["skipped_steps"]
 
             update_stats = self._n_updates % self.kfac_stats_interval == 0
-            with optimizer.collect() if update_stats else contextlib.nullcontext():
+            with optimizer.capture_gradient_rows(), optimizer.collect() if update_stats else contextlib.nullcontext():
                 values, log_prob, entropy = self.policy.evaluate_actions(rollout_data.observations, actions)
             values = values.flatten()
 

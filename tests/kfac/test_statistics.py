@@ -1,11 +1,14 @@
 """K-FAC statistics: the running factors against their per-sample, per-location definition; what is collected when."""
 
+import copy
+
 import pytest
 import torch as th
 from torch import nn
 from torch.nn import functional as F
 
-from sb3_trpo_kfac.common.kfac import KFAC
+from sb3_trpo_kfac.common.kfac import KFAC, Conv2dBlock
+from sb3_trpo_kfac.common.kfac.blocks import PER_SAMPLE_PRODUCTS_MIN_POSITIONS
 
 from .conftest import factors, homogeneous, mlp, sample_loss, saved_state
 
@@ -232,3 +235,118 @@ def test_block_without_samples_keeps_its_factors():
     assert opt.update_statistics(sample_loss(out, th.ones_like(out)) + sample_loss(empty, th.ones_like(empty)))
     assert factors(opt, model["empty"]) is None
     th.testing.assert_close(factors(opt, model["seen"])[0], homogeneous(x).T @ homogeneous(x) / 6)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("size", [6, 12])  # 16 and 100 output positions: both sides of the per-sample products' limit
+def test_conv_input_moment_read_in_place_equals_the_product_of_the_padded_rows(bias, size):
+    th.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3, bias=bias).double()
+    x = th.randn(4, 2, size, size, dtype=th.float64)
+    rows = Conv2dBlock.patches(conv, x)
+    assert (rows.shape[0] // 4 >= PER_SAMPLE_PRODUCTS_MIN_POSITIONS) == (size == 12)
+    if bias:
+        rows = homogeneous(rows)
+    moment = Conv2dBlock("conv", conv).patch_moment(Conv2dBlock.patch_columns(conv, x))
+    th.testing.assert_close(moment, rows.T @ rows)
+
+
+def test_a_large_input_moment_is_written_into_the_last_folded_one_and_the_average_stays_exact():
+    th.manual_seed(0)
+    layer = nn.Linear(1024, 2).double()  # A is 1025 x 1025: large enough to be kept as a spare
+    opt = KFAC(layer, kfac_stats_decay=0.9)
+    expected = None
+    for step in range(3):
+        x = th.randn(5, 1024, dtype=th.float64)
+        with opt.collect():
+            out = layer(x)
+        opt.update_statistics(sample_loss(out, th.zeros_like(out)))
+        batch = homogeneous(x).T @ homogeneous(x) / 5
+        expected = batch if expected is None else 0.9 * expected + 0.1 * batch
+        th.testing.assert_close(factors(opt, layer)[0], expected)
+        spares = opt.preconditioner.statistics._spares
+        # after the first update the batch moment became the running factor; afterwards it is kept for the next one
+        assert len(spares) == (0 if step == 0 else 1)
+        if step == 1:
+            spare = spares[0].data_ptr()
+        if step == 2:
+            assert spares[0].data_ptr() == spare and factors(opt, layer)[0].data_ptr() != spare
+
+
+class _TwoHeads(nn.Module):
+    """An actor and a critic head on shared features, as SB3's CnnPolicy: both heads' input factors are equal."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features, self.actor, self.critic = nn.Linear(3, 5), nn.Linear(5, 2), nn.Linear(5, 1)
+
+    def forward(self, x: th.Tensor) -> th.Tensor:
+        features = th.tanh(self.features(x))
+        return th.cat([self.actor(features), self.critic(features)], 1)
+
+
+def _fit(model: nn.Module, opt: KFAC, batches: int, seed: int) -> None:
+    gen = th.Generator().manual_seed(seed)
+    for _ in range(batches):
+        x = th.randn(6, 3, dtype=th.float64, generator=gen)
+        with opt.collect():
+            out = model(x)
+        opt.update_statistics(sample_loss(out, th.randn(6, 3, dtype=th.float64, generator=gen)))
+
+
+def test_heads_on_the_same_features_share_one_running_input_factor_decomposed_once(monkeypatch):
+    th.manual_seed(0)
+    model = _TwoHeads().double()
+    opt = KFAC(model)
+    _fit(model, opt, 3, seed=0)
+    actor, critic = factors(opt, model.actor), factors(opt, model.critic)
+    assert actor[0] is critic[0] and actor[1] is not critic[1]
+    # the shared factor is folded once per update: the average of the batches' moments of the features
+    expected, gen = None, th.Generator().manual_seed(0)
+    for _ in range(3):
+        x = th.randn(6, 3, dtype=th.float64, generator=gen)
+        th.randn(6, 3, dtype=th.float64, generator=gen)
+        rows = homogeneous(th.tanh(model.features(x))).detach()
+        batch = rows.T @ rows / 6
+        expected = batch if expected is None else 0.99 * expected + 0.01 * batch
+    th.testing.assert_close(actor[0], expected)
+    sizes = []
+    eigh = th.linalg.eigh
+    monkeypatch.setattr(th.linalg, "eigh", lambda mats: sizes.append(tuple(mats.shape)) or eigh(mats))
+    opt.update_curvature()
+    assert sorted(sizes) == [(1, 1, 1), (1, 2, 2), (1, 4, 4), (1, 5, 5), (1, 6, 6)]  # G's, A of the features, one A of 6
+    curvature = opt.preconditioner.curvature
+    blocks = {block.module: block for block in opt.blocks}
+    assert curvature[blocks[model.actor]].a is curvature[blocks[model.critic]].a
+
+    # after a reload the equal factors are separate tensors again: the next update merges them, still exact
+    again = copy.deepcopy(model)
+    reloaded = KFAC(again)
+    saved = copy.deepcopy(opt.state_dict())
+    saved["state"] = {i: {k: v.clone() for k, v in entries.items()} for i, entries in saved["state"].items()}  # unshared
+    reloaded.load_state_dict(saved)
+    assert factors(reloaded, again.actor)[0] is not factors(reloaded, again.critic)[0]
+    _fit(model, opt, 2, seed=1)
+    _fit(again, reloaded, 2, seed=1)
+    assert factors(reloaded, again.actor)[0] is factors(reloaded, again.critic)[0]
+    for layer in ("features", "actor", "critic"):
+        for mine, theirs in zip(factors(opt, getattr(model, layer)), factors(reloaded, getattr(again, layer))):
+            th.testing.assert_close(mine, theirs, rtol=0, atol=0)
+
+
+def test_a_shared_input_factor_is_split_when_the_heads_are_fed_differently():
+    th.manual_seed(0)
+    model = _TwoHeads().double()
+    opt = KFAC(model)
+    _fit(model, opt, 2, seed=0)
+    before = factors(opt, model.actor)[0].clone()
+    x = th.randn(6, 3, dtype=th.float64)
+    with opt.collect():
+        features = th.tanh(model.features(x))
+        out = th.cat([model.actor(features), model.critic(features.flip(0) * 0.5)], 1)
+    opt.update_statistics(sample_loss(out, th.randn(6, 3, dtype=th.float64)))
+    actor, critic = factors(opt, model.actor)[0], factors(opt, model.critic)[0]
+    assert actor is not critic
+    for a, inputs in ((actor, features), (critic, features.flip(0) * 0.5)):
+        rows = homogeneous(inputs).detach()
+        th.testing.assert_close(a, 0.99 * before + 0.01 * rows.T @ rows / 6)

@@ -18,6 +18,10 @@ from torch.nn import functional as F
 
 from sb3_trpo_kfac.common.validation import ArgumentError, ArgumentTypeError
 
+# output positions from which a conv's input moment is one product per sample on the unfolded patches' own layout
+# rather than one product over a transposed copy of all of them
+PER_SAMPLE_PRODUCTS_MIN_POSITIONS = 64
+
 
 class KFACBlock(ABC):
     """
@@ -62,15 +66,25 @@ class KFACBlock(ABC):
         """Whether a call's input has a leading sample dimension."""
         return x.dim() > 1
 
-    def input_moment(self, rows: th.Tensor) -> th.Tensor:
-        """``Σ ā āᵀ`` over the rows, ``ā = [a, 1]`` if the block has a bias."""
+    def input_moment(self, rows: th.Tensor, spares: list[th.Tensor] | None = None) -> th.Tensor:
+        """
+        ``Σ ā āᵀ`` over the rows, ``ā = [a, 1]`` if the block has a bias. A spare of the result's size (from
+        ``spares``, taken out of the list) is written into rather than allocating: a fresh large result costs page
+        faults comparable to the product itself.
+        """
         if self.bias is not None:
             rows = F.pad(rows, (0, 1), value=1.0)
-        return rows.T @ rows
+        out = _take_spare(spares, (rows.shape[1], rows.shape[1]), rows) if spares else None
+        return rows.T @ rows if out is None else th.mm(rows.T, rows, out=out)
 
     @abstractmethod
     def call_moments(
-        self, module: nn.Module, x: th.Tensor, delta: th.Tensor, shared: dict[tuple[object, ...], th.Tensor]
+        self,
+        module: nn.Module,
+        x: th.Tensor,
+        delta: th.Tensor,
+        shared: dict[tuple[object, ...], th.Tensor],
+        spares: list[th.Tensor] | None = None,
     ) -> tuple[th.Tensor, th.Tensor, int, int]:
         """
         One call's contribution to the factors.
@@ -79,6 +93,7 @@ class KFACBlock(ABC):
         :param x: its input
         :param delta: the Fisher loss's gradient with respect to its output
         :param shared: input moments already computed for this statistics update (blocks fed the same input)
+        :param spares: tensors the input moment may be written into (see :meth:`input_moment`)
         :return: ``Σ ā āᵀ`` and ``Σ δ δᵀ`` over the call's rows, the number of rows and the number of samples
         """
 
@@ -87,14 +102,19 @@ class LinearBlock(KFACBlock):
     """An ``nn.Linear``: its rows are the last dimension of its input (the leading ones are samples x locations)."""
 
     def call_moments(
-        self, module: nn.Module, x: th.Tensor, delta: th.Tensor, shared: dict[tuple[object, ...], th.Tensor]
+        self,
+        module: nn.Module,
+        x: th.Tensor,
+        delta: th.Tensor,
+        shared: dict[tuple[object, ...], th.Tensor],
+        spares: list[th.Tensor] | None = None,
     ) -> tuple[th.Tensor, th.Tensor, int, int]:
         # the same input tensor (e.g. features fed to both the policy and the value network) gives the same moment;
         # the version counter tells an in-place change apart (no public API exposes it)
         key = (x.data_ptr(), x._version, tuple(x.shape), x.stride(), self.bias is not None)
         a_sum = shared.get(key)
         if a_sum is None:
-            a_sum = shared[key] = self.input_moment(x.reshape(-1, x.shape[-1]))
+            a_sum = shared[key] = self.input_moment(x.reshape(-1, x.shape[-1]), spares)
         deltas = delta.reshape(-1, delta.shape[-1])
         return a_sum, deltas.T @ deltas, deltas.shape[0], x.shape[0] if x.dim() > 1 else 1
 
@@ -117,6 +137,12 @@ class Conv2dBlock(KFACBlock):
     @staticmethod
     def patches(conv: nn.Conv2d, x: th.Tensor) -> th.Tensor:
         """The inputs ``x`` (N, C, H, W) as rows ``a`` (one per sample and output position), without the 1."""
+        cols = Conv2dBlock.patch_columns(conv, x)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+    @staticmethod
+    def patch_columns(conv: nn.Conv2d, x: th.Tensor) -> th.Tensor:
+        """The rows of :meth:`patches` as ``(N, C·kh·kw, positions)`` columns per sample (``F.unfold``'s layout)."""
         # a string is "valid" here ("same" is not covered)
         padding: tuple[int, ...] = (0, 0) if isinstance(conv.padding, str) else conv.padding
         if conv.padding_mode != "zeros":
@@ -124,17 +150,51 @@ class Conv2dBlock(KFACBlock):
             x = F.pad(x, (pad_w, pad_w, pad_h, pad_h), mode=conv.padding_mode)
             padding = (0, 0)
         # columns ordered as weight.view(out, -1): (channel, kernel row, kernel column)
-        cols = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride)
-        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+        return F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride)
+
+    def patch_moment(self, columns: th.Tensor) -> th.Tensor:
+        """
+        :meth:`input_moment` of the patches, from :meth:`patch_columns` read in place: neither the rows' transpose
+        nor the 1 is materialised (the ones' part is the column sums).
+        """
+        n, dim, positions = columns.shape
+        size = dim + int(self.bias is not None)
+        out = columns.new_empty(size, size)
+        gram = out[:dim, :dim]
+        if positions >= PER_SAMPLE_PRODUCTS_MIN_POSITIONS:
+            for i in range(n):  # beta 0 first: the old content (even NaN) is ignored
+                gram.addmm_(columns[i], columns[i].T, beta=0.0 if i == 0 else 1.0)
+        else:  # few positions: one product over a copy is faster than many small ones
+            flat = columns.transpose(0, 1).reshape(dim, n * positions)
+            gram.addmm_(flat, flat.T, beta=0.0)
+        if self.bias is not None:
+            sums = columns.sum((0, 2))
+            out[:dim, dim] = sums
+            out[dim, :dim] = sums
+            out[dim, dim] = n * positions
+        return out
 
     def call_moments(
-        self, module: nn.Module, x: th.Tensor, delta: th.Tensor, shared: dict[tuple[object, ...], th.Tensor]
+        self,
+        module: nn.Module,
+        x: th.Tensor,
+        delta: th.Tensor,
+        shared: dict[tuple[object, ...], th.Tensor],
+        spares: list[th.Tensor] | None = None,
     ) -> tuple[th.Tensor, th.Tensor, int, int]:
         if x.dim() == 3:  # unbatched: one sample
             x, delta = x.unsqueeze(0), delta.unsqueeze(0)
-        a_sum = self.input_moment(self.patches(module, x))  # type: ignore[arg-type]
+        a_sum = self.patch_moment(self.patch_columns(module, x))  # type: ignore[arg-type]
         deltas = delta.transpose(1, -1).reshape(-1, delta.shape[1])  # (N*T, out), any spatial order
         return a_sum, deltas.T @ deltas, deltas.shape[0], x.shape[0]
+
+
+def _take_spare(spares: list[th.Tensor], shape: tuple[int, int], like: th.Tensor) -> th.Tensor | None:
+    """A tensor of ``spares`` with this shape and ``like``'s dtype and device, removed from the list; or None."""
+    for i, spare in enumerate(spares):
+        if spare.shape == shape and spare.dtype == like.dtype and spare.device == like.device:
+            return spares.pop(i)
+    return None
 
 
 # the layer kinds K-FAC covers, and their blocks

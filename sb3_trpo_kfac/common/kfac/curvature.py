@@ -187,6 +187,14 @@ class BlockCurvature(ABC):
         """:meth:`solve` written into ``out`` (a representation that can avoid the temporary overrides this)."""
         out.copy_(self.solve(mat, damping))
 
+    def rows_pay_off(self, rows: int) -> bool:
+        """Whether :meth:`solve_rows_into` of a gradient of this many rows is cheaper than :meth:`solve_into`."""
+        return False
+
+    def solve_rows_into(self, deltas: th.Tensor, inputs: th.Tensor, scale: float, damping: float, out: th.Tensor) -> None:
+        """:meth:`solve_into` of ``scale · deltasᵀ inputs`` (:mod:`.gradient_rows`), where :meth:`rows_pay_off`."""
+        raise NotImplementedError(f"{type(self).__name__} has no solve of gradient rows")
+
     @classmethod
     def stack(cls, curvatures: list[Any], damping: float) -> tuple[th.Tensor, ...]:
         """The solve factors of same-shape blocks, stacked for :meth:`solve_stacked` (:attr:`stackable` only)."""

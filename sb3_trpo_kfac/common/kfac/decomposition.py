@@ -40,12 +40,14 @@ class CurvatureJob:
 
     def __init__(self, items: list[tuple[KFACBlock, KroneckerFactors, BlockCurvature]], snapshot: bool) -> None:
         self.blocks: list[BlockJob] = []
-        stacks: dict[tuple[int, th.dtype], list[tuple[BlockJob, str, th.Tensor]]] = {}
+        # per size, per factor (by its memory): the factor and its users; blocks fed the same input can share their running
+        # input factor (FactorStatistics), which is then decomposed once
+        stacks: dict[tuple[int, th.dtype], dict[int, tuple[th.Tensor, list[tuple[BlockJob, str]]]]] = {}
         for block, factors, curvature in items:
             job = BlockJob(block, factors, curvature)
             for side in curvature.batched:
                 mat = getattr(factors, side)
-                stacks.setdefault((mat.shape[0], mat.dtype), []).append((job, side, mat))
+                stacks.setdefault((mat.shape[0], mat.dtype), {}).setdefault(mat.data_ptr(), (mat, []))[1].append((job, side))
             if snapshot and curvature.reads:
                 job.factors = KroneckerFactors(
                     *(
@@ -54,9 +56,9 @@ class CurvatureJob:
                     )
                 )
             self.blocks.append(job)
-        # per size: the (block, factor) pairs, their stack, and the batched eigh of the stack (None if it raised)
-        self.eigen_groups = [[(job, side) for job, side, _ in group] for group in stacks.values()]
-        self.eigen_stacks = [th.stack([mat for *_, mat in group]) for group in stacks.values()]
+        # per size: the users of each distinct factor, their stack, and the batched eigh of the stack (None if it raised)
+        self.eigen_groups = [[users for _, users in group.values()] for group in stacks.values()]
+        self.eigen_stacks = [th.stack([mat for mat, _ in group.values()]) for group in stacks.values()]
         self.eigen_results: list[tuple[th.Tensor, th.Tensor] | None] = []
         self.failures: list[str] = []
 
@@ -97,12 +99,13 @@ class CurvatureJob:
                 pairs: list[Eigen | None] = [Eigen(v, q) for v, q in zip(values.unbind(0), result[1].unbind(0))]
             else:
                 pairs = [
-                    eigen_or_previous(job.block.name, mat, getattr(job.before, side), self.failures)
-                    for (job, side), mat in zip(group, stack.unbind(0))
+                    eigen_or_previous(users[0][0].block.name, mat, getattr(users[0][0].before, users[0][1]), self.failures)
+                    for users, mat in zip(group, stack.unbind(0))
                 ]
-            for (job, side), pair in zip(group, pairs):
-                if pair is not None:
-                    job.fields[side] = pair
+            for users, pair in zip(group, pairs):
+                for job, side in users:
+                    if pair is not None:
+                        job.fields[side] = pair
         return {job.block: job.before.updated(**job.fields) for job in self.blocks}, self.failures
 
 

@@ -178,5 +178,29 @@ class TwoSidedLowRankEigenCurvature(BlockCurvature):
         inner = th.addmm(left * d_g[:, None], core, a.vectors.T)
         # Q_G inner + (R ∘ d_A) Q_Aᵀ as one product: one pass over the output
         th.addmm(mat, th.cat([g.vectors, right * d_a], 1), th.cat([inner, a.vectors.T], 0), beta=rest, out=out)
+
+    def rows_pay_off(self, rows: int) -> bool:
+        # the solve above: products with rank_G + rank_A columns twice; this one: rows + rank_A columns once
+        assert self.a is not None and self.g is not None
+        return rows + len(self.a.values) < 2 * (len(self.g.values) + len(self.a.values))
+
+    def solve_rows_into(self, deltas: th.Tensor, inputs: th.Tensor, scale: float, damping: float, out: th.Tensor) -> None:
+        # M = c δᵀ ā (n rows): with L = Q_Gᵀ M = c (δ Q_G)ᵀ ā and R = M Q_A = c δᵀ (ā Q_A), the solve above is
+        # (c (σ δᵀ + Q_G (d_G ∘ Q_Gᵀ δᵀ))) ā + (Q_G core + R ∘ d_A) Q_Aᵀ: one product with n + rank columns
+        assert self.a is not None and self.g is not None
+        a, g = self.a, self.g
+        rest = 1.0 / (float(g.rest) * float(a.rest) + damping)
+        d_g = 1.0 / (g.values * a.rest + damping) - rest
+        d_a = 1.0 / (g.rest * a.values + damping) - rest
+        deltas_g = scale * (deltas @ g.vectors)  # (c δ Q_G): n x rank
+        inputs_a = inputs @ a.vectors  # ā Q_A: n x rank
+        core = (1.0 / (th.outer(g.values, a.values) + damping) - d_g[:, None] - d_a[None, :] - rest) * (
+            deltas_g.T @ inputs_a
+        )
+        on_inputs = th.addmm(scale * rest * deltas.T, g.vectors, d_g[:, None] * deltas_g.T)
+        on_basis = th.addmm((deltas.T @ inputs_a) * (scale * d_a), g.vectors, core)
+        th.mm(th.cat([on_inputs, on_basis], 1), th.cat([inputs, a.vectors.T], 0), out=out)
 # the representations whose input factor is low-rank
 LOW_RANK_TYPES = (LowRankEigenCurvature, LowRankInverseCurvature, TwoSidedLowRankEigenCurvature)
+# those with a solve from the gradient's rows (BlockCurvature.solve_rows_into)
+ROW_SOLVING_TYPES = (TwoSidedLowRankEigenCurvature,)

@@ -161,6 +161,10 @@ class KFAC(th.optim.Optimizer):
         """Context in which forward passes of covered layers are saved for :meth:`update_statistics`."""
         return self.preconditioner.collect()
 
+    def capture_gradient_rows(self) -> contextlib.AbstractContextManager[None]:
+        """See :meth:`KFACPreconditioner.capture_gradient_rows`."""
+        return self.preconditioner.capture_gradient_rows()
+
     def update_statistics(self, fisher_loss: th.Tensor) -> bool:
         """See :meth:`KFACPreconditioner.update_statistics`."""
         return self.preconditioner.update_statistics(fisher_loss)

@@ -23,9 +23,10 @@ from sb3_trpo_kfac.common.kfac.distributed import (
     exchange_curvature,
     split_by_default,
 )
+from sb3_trpo_kfac.common.kfac.gradient_rows import GradientRows
 from sb3_trpo_kfac.common.kfac.groups import block_groups, current_kinds, group_kind, parameter_groups
 from sb3_trpo_kfac.common.kfac.layout import GroupBuffers, GroupLayout
-from sb3_trpo_kfac.common.kfac.low_rank import LOW_RANK_TYPES
+from sb3_trpo_kfac.common.kfac.low_rank import LOW_RANK_TYPES, ROW_SOLVING_TYPES
 from sb3_trpo_kfac.common.kfac.options import check_kfac_arguments
 from sb3_trpo_kfac.common.kfac.schedule import CurvatureSchedule, KFACCounters
 from sb3_trpo_kfac.common.kfac.solve import KroneckerSolver
@@ -141,6 +142,8 @@ class KFACPreconditioner:
         # (world size, each block's owner) of split decompositions, made at first use
         self._block_owners: tuple[int, dict[KFACBlock, int] | None] | None = None
         self.solver = KroneckerSolver(self.kfac_refine)
+        # the blocks whose solve can start from the gradient's rows (a large layer's low-rank factors)
+        self.gradient_rows = GradientRows([b for b, kind in self.curvature_types.items() if kind in ROW_SOLVING_TYPES])
         # flat buffers per parameter group, built at first use (and after loading); their batches' stacked solve
         # factors are rebuilt after every curvature update
         self._buffers: list[GroupBuffers] | None = None
@@ -157,6 +160,14 @@ class KFACPreconditioner:
     def collect(self) -> contextlib.AbstractContextManager[None]:
         """Context in which forward passes of covered layers are saved for :meth:`update_statistics`."""
         return self.statistics.collect()
+
+    def capture_gradient_rows(self) -> contextlib.AbstractContextManager[None]:
+        """
+        Context around a forward whose loss's gradient the next step preconditions: the large low-rank blocks' rows
+        ``(δ, ā)`` are kept, and the step solves from them when cheaper (:mod:`.gradient_rows`; the same result up
+        to rounding). A no-op without such blocks.
+        """
+        return self.gradient_rows.capture() if self.gradient_rows.blocks else contextlib.nullcontext()
 
     def remove_hooks(self) -> None:
         """Stop saving forwards in :meth:`collect` for good (only the statistics gathered so far are used)."""
@@ -237,14 +248,16 @@ class KFACPreconditioner:
             self._factors_stale = True
         return self._buffers
 
-    def _solve(self, groups: list[GroupBuffers]) -> set[KFACBlock]:
-        """Directions from the staged gradients; the blocks that were solved."""
+    def _solve(
+        self, groups: list[GroupBuffers], rows: dict[KFACBlock, tuple[th.Tensor, th.Tensor]] | None = None
+    ) -> set[KFACBlock]:
+        """Directions from the staged gradients (``rows``: see :meth:`KroneckerSolver.solve`); the blocks solved."""
         if self._factors_stale:
             self.solver.restack(groups, self.curvature, self._block_damping())
             self._factors_stale = False
         # a curvature of the current factors solves exactly: refine only when statistics came after it
         refine = self.schedule.statistics_newer_than_curvature
-        return self.solver.solve(groups, self.curvature, self.statistics.factors, self._block_damping(), refine)
+        return self.solver.solve(groups, self.curvature, self.statistics.factors, self._block_damping(), refine, rows)
 
     def precondition(self, params: Sequence[nn.Parameter], vectors: Sequence[th.Tensor]) -> list[th.Tensor]:
         """
@@ -313,11 +326,12 @@ class KFACPreconditioner:
                 params: list[th.Tensor] = [group.params[i] for i in indices]
                 # torch's private _foreach kernel: one call for all parameters, whatever the layer count
                 th._foreach_add_([group.gradient_views[i] for i in indices], params, alpha=weight_decay)
+        rows = self.gradient_rows.take() if weight_decay == 0 else None  # with weight decay ∇ is not their multiple
         cold = self.schedule.cold
         if cold:
             cold_directions(groups, self.kfac_cold_max_grad_norm)
         else:
-            self._solve(groups)
+            self._solve(groups, rows)
         self.last_vfv, self.last_nu = trust_region(groups, self.param_groups, cold)
         if not all(math.isfinite(x) for x in self.last_vfv + self.last_nu):
             self.counters.skipped_steps += 1

@@ -8,6 +8,7 @@ import torch as th
 
 from sb3_trpo_kfac.common.kfac.blocks import KFACBlock
 from sb3_trpo_kfac.common.kfac.curvature import BlockCurvature
+from sb3_trpo_kfac.common.kfac.gradient_rows import rows_scale
 from sb3_trpo_kfac.common.kfac.layout import GroupBuffers
 from sb3_trpo_kfac.common.kfac.statistics import KroneckerFactors
 
@@ -39,13 +40,17 @@ class KroneckerSolver:
         factors: dict[KFACBlock, KroneckerFactors],
         damping: float,
         refine: bool,
+        rows: dict[KFACBlock, tuple[th.Tensor, th.Tensor]] | None = None,
     ) -> set[KFACBlock]:
         """
         Fill the direction buffers from the gradient buffers (stacked factors from :meth:`restack`).
 
         :param refine: refine by CG on ``factors`` (the current ones) if ``refine_iterations`` > 0
+        :param rows: per block, the rows ``(δ, ā)`` its gradient may be a multiple of (:mod:`.gradient_rows`): solved
+            from them where that is checked and cheaper
         :return: the blocks that were solved (the others keep their gradient)
         """
+        rows = rows or {}
         refine = refine and self.refine_iterations > 0
         solved: set[KFACBlock] = set()
         for group in groups:
@@ -65,11 +70,31 @@ class KroneckerSolver:
                     solved.update(batch.blocks)
                     continue
                 for block, gradient, direction in zip(batch.blocks, batch.gradients, batch.directions):
-                    if self._solve_block(curvature[block], factors.get(block), gradient, damping, refine, direction):
+                    if self._solve_rows(curvature[block], rows.get(block), gradient, damping, direction) or self._solve_block(
+                        curvature[block], factors.get(block), gradient, damping, refine, direction
+                    ):
                         solved.add(block)
                     else:
                         direction.copy_(gradient)
         return solved
+
+    @staticmethod
+    def _solve_rows(
+        curvature: BlockCurvature,
+        block_rows: tuple[th.Tensor, th.Tensor] | None,
+        mat: th.Tensor,
+        damping: float,
+        out: th.Tensor,
+    ) -> bool:
+        """One block from its gradient's rows, into ``out``, if they pay off and ``mat`` is checked to be their
+        multiple; False otherwise (nothing written). Such blocks are never refined (see the class)."""
+        if block_rows is None or not curvature.ready or not curvature.rows_pay_off(block_rows[0].shape[0]):
+            return False
+        scale = rows_scale(mat, *block_rows)
+        if scale is None:
+            return False
+        curvature.solve_rows_into(*block_rows, scale, damping, out)
+        return True
 
     def _solve_block(
         self,

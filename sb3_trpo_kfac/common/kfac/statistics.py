@@ -20,6 +20,8 @@ from sb3_trpo_kfac.common.kfac.blocks import KFACBlock
 from sb3_trpo_kfac.common.kfac.distributed import all_reduce_moments
 from sb3_trpo_kfac.common.kfac.schedule import KFACCounters
 
+# moments from this many entries (a 1024-wide factor) are kept for reuse after folding
+SPARE_MIN_ELEMENTS = 2**20
 # one saved call of a block's layer: (the module called, its input, the input's version counter, its output)
 SavedCall = tuple[nn.Module, th.Tensor, int, th.Tensor]
 
@@ -70,6 +72,8 @@ class FactorStatistics:
         self.max_samples = max_samples
         self.factors: dict[KFACBlock, KroneckerFactors] = {}
         self._saved: dict[KFACBlock, list[SavedCall]] = {}
+        # batch moments already folded into the running factors, reused for the next update's (see _fold)
+        self._spares: list[th.Tensor] = []
         # forward hooks exist only inside collect(): a module with hooks takes a slower call path, which every
         # rollout forward would otherwise pay
         self._hooks: list[th.utils.hooks.RemovableHandle] = []
@@ -163,7 +167,7 @@ class FactorStatistics:
                     continue
                 if self.max_samples is not None and block.batched(x) and x.shape[0] > self.max_samples:
                     x, delta = self._subsample(x, delta, picked)
-                a_sum, g_sum, rows, n_samples = block.call_moments(module, x, delta, shared)
+                a_sum, g_sum, rows, n_samples = block.call_moments(module, x, delta, shared, self._spares)
                 acc = sums.get(block)
                 if acc is None:
                     sums[block] = [a_sum, g_sum, rows, n_samples]
@@ -215,18 +219,46 @@ class FactorStatistics:
         return rows, delta.index_select(0, index)
 
     def _fold(self, blocks: list[KFACBlock], a_means: Sequence[th.Tensor], g_means: Sequence[th.Tensor]) -> None:
-        """``F ← ρ F + (1 − ρ) F_batch`` for every factor, fused over all of them; the first batch initialises them."""
-        running, batch = [], []
-        kept: set[int] = set()  # a shared mean becomes the running factor of one block only
+        """
+        ``F ← ρ F + (1 − ρ) F_batch`` for every factor, fused over all of them; the first batch initialises them.
+
+        Blocks fed the same input (one batch moment, e.g. an actor and a critic head on shared features) share one
+        running input factor, folded once, so that it is also decomposed once (:mod:`.decomposition`); equal running
+        factors of such blocks (e.g. after a reload) are merged, and a shared one whose blocks' batch moments differ
+        is split. Running factors are told apart by their memory, never folded twice.
+        """
+        folds: dict[int, tuple[th.Tensor, th.Tensor]] = {}  # memory of a running factor -> (it, its batch moment)
+        by_batch: dict[int, th.Tensor] = {}  # id of a batch moment -> the running factor it is folded into
+        new: list[tuple[KFACBlock, th.Tensor, th.Tensor]] = []
         for block, a_mean, g_mean in zip(blocks, a_means, g_means):
             factors = self.factors.get(block)
             if factors is None:
-                a_mean, g_mean = (t.clone() if id(t) in kept else t for t in (a_mean, g_mean))
-                kept.update((id(a_mean), id(g_mean)))
-                self.factors[block] = KroneckerFactors(a_mean, g_mean)
-            else:
-                running += [factors.a, factors.g]
-                batch += [a_mean, g_mean]
-        if running:  # torch's private _foreach kernels: two calls whatever the block count
-            th._foreach_mul_(running, self.stats_decay)
-            th._foreach_add_(running, batch, alpha=1.0 - self.stats_decay)
+                new.append((block, a_mean, g_mean))
+                continue
+            for side, mean in (("a", a_mean), ("g", g_mean)):
+                factor = getattr(factors, side)
+                other = by_batch.get(id(mean))
+                if other is not None and other.data_ptr() != factor.data_ptr() and th.equal(other, factor):
+                    factor = other  # the same statistics: shared from now on
+                fold = folds.get(factor.data_ptr())
+                if fold is not None and fold[1] is not mean:
+                    factor = factor.clone()  # shared, but fed differently now: split
+                setattr(factors, side, factor)
+                folds.setdefault(factor.data_ptr(), (factor, mean))
+                by_batch.setdefault(id(mean), factor)
+        taken: dict[int, th.Tensor] = {}  # id of a batch moment -> the new running factor made of it
+        for block, a_mean, g_mean in new:
+            initial = []
+            for mean in (a_mean, g_mean):
+                if id(mean) not in taken:  # a moment also folded above stays a batch moment: copied
+                    taken[id(mean)] = mean.clone() if id(mean) in by_batch else mean
+                initial.append(taken[id(mean)])
+            self.factors[block] = KroneckerFactors(*initial)
+        if folds:  # torch's private _foreach kernels: two calls whatever the block count
+            running, batch = zip(*folds.values())
+            th._foreach_mul_(list(running), self.stats_decay)
+            th._foreach_add_(list(running), list(batch), alpha=1.0 - self.stats_decay)
+        # the folded batch moments that own their memory (not views, e.g. of a data-parallel reduction) become the
+        # next update's spares; only large ones, whose fresh allocation is what costs
+        spares = {id(t): t for _, t in folds.values() if t.numel() >= SPARE_MIN_ELEMENTS and t._base is None}
+        self._spares = list(spares.values())
