@@ -16,6 +16,7 @@ import torch as th
 from torch import nn
 from torch.nn import functional as F
 
+from sb3_trpo_kfac.common.kfac.products import WIDE_OUTPUT, wide_mm
 from sb3_trpo_kfac.common.validation import ArgumentError, ArgumentTypeError
 
 # output positions from which a conv's input moment is one product per sample on the unfolded patches' own layout
@@ -74,8 +75,11 @@ class KFACBlock(ABC):
         """
         if self.bias is not None:
             rows = F.pad(rows, (0, 1), value=1.0)
-        out = _take_spare(spares, (rows.shape[1], rows.shape[1]), rows) if spares else None
-        return rows.T @ rows if out is None else th.mm(rows.T, rows, out=out)
+        size = rows.shape[1]
+        out = _take_spare(spares, (size, size), rows) if spares else None
+        if size * size < WIDE_OUTPUT:
+            return rows.T @ rows if out is None else th.mm(rows.T, rows, out=out)
+        return wide_mm(rows.T.contiguous(), rows, rows.new_empty(size, size) if out is None else out)
 
     @abstractmethod
     def call_moments(

@@ -21,6 +21,7 @@ from typing import Any, ClassVar, TypeVar
 
 import torch as th
 
+from sb3_trpo_kfac.common.kfac.products import WIDE_OUTPUT
 from sb3_trpo_kfac.common.kfac.statistics import KroneckerFactors
 
 INVERSE_MODES = ("eigen", "inverse")
@@ -107,7 +108,8 @@ def top_eigen(mat: th.Tensor, rank: int, previous: LowRankEigen | None) -> LowRa
     try:
         for _ in range(sweeps):
             basis = th.linalg.qr(mat @ basis).Q
-        projected = basis.T @ mat @ basis
+        # a large factor: the tall product first (the wide product with a short inner side is the slow shape)
+        projected = basis.T @ (mat @ basis) if mat.numel() >= WIDE_OUTPUT else basis.T @ mat @ basis
         result = eigen((projected + projected.T) / 2)
     except RuntimeError:
         return None

@@ -20,6 +20,7 @@ from sb3_trpo_kfac.common.kfac.curvature import (
     top_eigen,
 )
 from sb3_trpo_kfac.common.kfac.inverse import inverse_failure
+from sb3_trpo_kfac.common.kfac.products import wide_mm
 from sb3_trpo_kfac.common.kfac.statistics import KroneckerFactors
 
 # kfac_low_rank="auto": blocks with more than AUTO_MIN_SIZE parameters (NatureCNN's 3136 -> 512 layer, not its convs
@@ -177,7 +178,7 @@ class TwoSidedLowRankEigenCurvature(BlockCurvature):
         core = (1.0 / (th.outer(g.values, a.values) + damping) - d_g[:, None] - d_a[None, :] - rest) * (left @ a.vectors)
         inner = th.addmm(left * d_g[:, None], core, a.vectors.T)
         # Q_G inner + (R ∘ d_A) Q_Aᵀ as one product: one pass over the output
-        th.addmm(mat, th.cat([g.vectors, right * d_a], 1), th.cat([inner, a.vectors.T], 0), beta=rest, out=out)
+        wide_mm(th.cat([g.vectors, right * d_a], 1), th.cat([inner, a.vectors.T], 0), out, mat, rest)
 
     def rows_pay_off(self, rows: int) -> bool:
         # the solve above: products with rank_G + rank_A columns twice; this one: rows + rank_A columns once
@@ -199,7 +200,7 @@ class TwoSidedLowRankEigenCurvature(BlockCurvature):
         )
         on_inputs = th.addmm(scale * rest * deltas.T, g.vectors, d_g[:, None] * deltas_g.T)
         on_basis = th.addmm((deltas.T @ inputs_a) * (scale * d_a), g.vectors, core)
-        th.mm(th.cat([on_inputs, on_basis], 1), th.cat([inputs, a.vectors.T], 0), out=out)
+        wide_mm(th.cat([on_inputs, on_basis], 1), th.cat([inputs, a.vectors.T], 0), out)
 # the representations whose input factor is low-rank
 LOW_RANK_TYPES = (LowRankEigenCurvature, LowRankInverseCurvature, TwoSidedLowRankEigenCurvature)
 # those with a solve from the gradient's rows (BlockCurvature.solve_rows_into)
