@@ -19,7 +19,9 @@ The package, in the order of the math:
 - :mod:`.decomposition`: curvature updates, batched by factor size, optionally in a background thread;
 - :mod:`.distributed`: data-parallel ranks (``torch.distributed``): statistics of all ranks' samples, decompositions
   replicated or split across ranks;
-- :mod:`.layout`, :mod:`.solve`: flat buffers, batched same-shape solves and CG refinement;
+- :mod:`.layout`, :mod:`.solve`: flat buffers, batched same-shape solves and CG refinement; :mod:`.gradient_rows`:
+  a large low-rank layer's gradient solved from its rows ``δᵀā`` at small batches; :mod:`.products`: wide products
+  by blocks;
 - :mod:`.schedule`: the cadence (curvature refreshes, cold start) and the counters;
 - :mod:`.preconditioner`: :class:`KFACPreconditioner`, gradients to trust-region-scaled natural gradients;
 - :mod:`.optimizer`: :class:`KFAC`, the preconditioner plus a first-order step rule, as a ``torch.optim.Optimizer``.
