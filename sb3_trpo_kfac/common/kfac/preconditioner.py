@@ -326,7 +326,7 @@ class KFACPreconditioner:
                 params: list[th.Tensor] = [group.params[i] for i in indices]
                 # torch's private _foreach kernel: one call for all parameters, whatever the layer count
                 th._foreach_add_([group.gradient_views[i] for i in indices], params, alpha=weight_decay)
-        rows = self.gradient_rows.take()
+        rows: dict[KFACBlock, tuple[th.Tensor, th.Tensor]] | None = self.gradient_rows.take()
         if weight_decay > 0 or distributed.is_data_parallel():  # ∇ is then not a multiple of this rank's rows
             rows = None
         cold = self.schedule.cold
