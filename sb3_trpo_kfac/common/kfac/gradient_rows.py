@@ -63,8 +63,8 @@ class GradientRows:
 
     def take(self) -> dict[KFACBlock, tuple[th.Tensor, th.Tensor]]:
         """
-        Per block all of whose saved calls got a gradient: its rows ``δ`` (n x out) and ``ā`` (n x in, with the 1 of
-        a bias); the saved calls are then forgotten.
+        Per block all of whose saved calls got a gradient: its rows ``δ`` (n x out) and ``a`` (n x in, without the
+        1 of a bias: :func:`with_ones` adds it where the rows are used); the saved calls are then forgotten.
         """
         calls, self._calls = self._calls, {}
         rows = {}
@@ -73,9 +73,13 @@ class GradientRows:
                 continue
             deltas = [delta.reshape(-1, delta.shape[-1]) for _, delta in block_calls]  # type: ignore[union-attr]
             inputs = [x.reshape(-1, x.shape[-1]) for x, _ in block_calls]  # type: ignore[union-attr]
-            inputs = [F.pad(x, (0, 1), value=1.0) if block.bias is not None else x for x in inputs]
             rows[block] = (th.cat(deltas) if len(deltas) > 1 else deltas[0], th.cat(inputs) if len(inputs) > 1 else inputs[0])
         return rows
+
+
+def with_ones(block: KFACBlock, inputs: th.Tensor) -> th.Tensor:
+    """The input rows ``ā``: with the 1 of the bias column if the block has one."""
+    return F.pad(inputs, (0, 1), value=1.0) if block.bias is not None else inputs
 
 
 def rows_scale(mat: th.Tensor, deltas: th.Tensor, inputs: th.Tensor) -> float | None:

@@ -8,7 +8,7 @@ import torch as th
 
 from sb3_trpo_kfac.common.kfac.blocks import KFACBlock
 from sb3_trpo_kfac.common.kfac.curvature import BlockCurvature
-from sb3_trpo_kfac.common.kfac.gradient_rows import rows_scale
+from sb3_trpo_kfac.common.kfac.gradient_rows import rows_scale, with_ones
 from sb3_trpo_kfac.common.kfac.layout import GroupBuffers
 from sb3_trpo_kfac.common.kfac.statistics import KroneckerFactors
 
@@ -70,8 +70,9 @@ class KroneckerSolver:
                     solved.update(batch.blocks)
                     continue
                 for block, gradient, direction in zip(batch.blocks, batch.gradients, batch.directions):
-                    if self._solve_rows(curvature[block], rows.get(block), gradient, damping, direction) or self._solve_block(
-                        curvature[block], factors.get(block), gradient, damping, refine, direction
+                    rep = curvature[block]
+                    if self._solve_rows(block, rep, rows.get(block), gradient, damping, direction) or self._solve_block(
+                        rep, factors.get(block), gradient, damping, refine, direction
                     ):
                         solved.add(block)
                     else:
@@ -80,6 +81,7 @@ class KroneckerSolver:
 
     @staticmethod
     def _solve_rows(
+        block: KFACBlock,
         curvature: BlockCurvature,
         block_rows: tuple[th.Tensor, th.Tensor] | None,
         mat: th.Tensor,
@@ -90,10 +92,11 @@ class KroneckerSolver:
         multiple; False otherwise (nothing written). Such blocks are never refined (see the class)."""
         if block_rows is None or not curvature.ready or not curvature.rows_pay_off(block_rows[0].shape[0]):
             return False
-        scale = rows_scale(mat, *block_rows)
+        deltas, inputs = block_rows[0], with_ones(block, block_rows[1])  # padded only once the rows are used
+        scale = rows_scale(mat, deltas, inputs)
         if scale is None:
             return False
-        curvature.solve_rows_into(*block_rows, scale, damping, out)
+        curvature.solve_rows_into(deltas, inputs, scale, damping, out)
         return True
 
     def _solve_block(
