@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from sb3_trpo_kfac.common.kfac import KFAC, Conv2dBlock
-from sb3_trpo_kfac.common.kfac.blocks import PER_SAMPLE_PRODUCTS_MIN_POSITIONS
+from sb3_trpo_kfac.common.kfac.products import GRAM_PANEL
 
 from .conftest import factors, homogeneous, mlp, sample_loss, saved_state
 
@@ -238,16 +238,16 @@ def test_block_without_samples_keeps_its_factors():
 
 
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("size", [6, 12])  # 16 and 100 output positions: both sides of the per-sample products' limit
-def test_conv_input_moment_read_in_place_equals_the_product_of_the_padded_rows(bias, size):
+@pytest.mark.parametrize("channels", [2, 8, 16])  # 18, 72 and 144 patch entries: one, two and three panels
+def test_conv_input_moment_from_one_triangle_equals_the_product_of_the_padded_rows(bias, channels):
     th.manual_seed(0)
-    conv = nn.Conv2d(2, 3, 3, bias=bias).double()
-    x = th.randn(4, 2, size, size, dtype=th.float64)
+    conv = nn.Conv2d(channels, 3, 3, stride=2, padding=1, bias=bias).double()
+    x = th.randn(4, channels, 9, 9, dtype=th.float64)
     rows = Conv2dBlock.patches(conv, x)
-    assert (rows.shape[0] // 4 >= PER_SAMPLE_PRODUCTS_MIN_POSITIONS) == (size == 12)
+    assert (GRAM_PANEL < rows.shape[1]) == (channels > 2)
     if bias:
         rows = homogeneous(rows)
-    moment = Conv2dBlock("conv", conv).patch_moment(Conv2dBlock.patch_columns(conv, x))
+    moment = Conv2dBlock("conv", conv).patch_moment(Conv2dBlock.patch_matrix(conv, x))
     th.testing.assert_close(moment, rows.T @ rows)
 
 

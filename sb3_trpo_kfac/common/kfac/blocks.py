@@ -16,12 +16,8 @@ import torch as th
 from torch import nn
 from torch.nn import functional as F
 
-from sb3_trpo_kfac.common.kfac.products import WIDE_OUTPUT, wide_mm
+from sb3_trpo_kfac.common.kfac.products import WIDE_OUTPUT, symmetric_gram, wide_mm
 from sb3_trpo_kfac.common.validation import ArgumentError, ArgumentTypeError
-
-# output positions from which a conv's input moment is one product per sample on the unfolded patches' own layout
-# rather than one product over a transposed copy of all of them
-PER_SAMPLE_PRODUCTS_MIN_POSITIONS = 64
 
 
 class KFACBlock(ABC):
@@ -141,41 +137,41 @@ class Conv2dBlock(KFACBlock):
     @staticmethod
     def patches(conv: nn.Conv2d, x: th.Tensor) -> th.Tensor:
         """The inputs ``x`` (N, C, H, W) as rows ``a`` (one per sample and output position), without the 1."""
-        cols = Conv2dBlock.patch_columns(conv, x)
-        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+        return Conv2dBlock.patch_matrix(conv, x).T
 
     @staticmethod
-    def patch_columns(conv: nn.Conv2d, x: th.Tensor) -> th.Tensor:
-        """The rows of :meth:`patches` as ``(N, C·kh·kw, positions)`` columns per sample (``F.unfold``'s layout)."""
+    def patch_matrix(conv: nn.Conv2d, x: th.Tensor) -> th.Tensor:
+        """
+        The rows of :meth:`patches` as the columns of one ``(C·kh·kw, N·positions)`` matrix: a single copy of strided
+        windows of ``x``, about twice as fast as ``F.unfold`` followed by the transpose the moment needs.
+        """
         # a string is "valid" here ("same" is not covered)
-        padding: tuple[int, ...] = (0, 0) if isinstance(conv.padding, str) else conv.padding
-        if conv.padding_mode != "zeros":
-            pad_h, pad_w = padding
-            x = F.pad(x, (pad_w, pad_w, pad_h, pad_h), mode=conv.padding_mode)
-            padding = (0, 0)
-        # columns ordered as weight.view(out, -1): (channel, kernel row, kernel column)
-        return F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride)
+        pad_h, pad_w = (0, 0) if isinstance(conv.padding, str) else conv.padding
+        if pad_h or pad_w:
+            mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+            x = F.pad(x, (pad_w, pad_w, pad_h, pad_h), mode=mode)
+        (kernel_h, kernel_w), (dilation_h, dilation_w) = conv.kernel_size, conv.dilation
+        stride_h, stride_w = conv.stride
+        # (N, C, out_h, out_w, span_h, span_w), then every dilation-th entry of each window's span
+        windows = x.unfold(2, (kernel_h - 1) * dilation_h + 1, stride_h).unfold(3, (kernel_w - 1) * dilation_w + 1, stride_w)
+        windows = windows[..., ::dilation_h, ::dilation_w]
+        # rows ordered as weight.view(out, -1): (channel, kernel row, kernel column); columns (sample, position)
+        return windows.permute(1, 4, 5, 0, 2, 3).reshape(-1, x.shape[0] * windows.shape[2] * windows.shape[3])
 
-    def patch_moment(self, columns: th.Tensor) -> th.Tensor:
+    def patch_moment(self, patches: th.Tensor) -> th.Tensor:
         """
-        :meth:`input_moment` of the patches, from :meth:`patch_columns` read in place: neither the rows' transpose
-        nor the 1 is materialised (the ones' part is the column sums).
+        :meth:`input_moment` of the patches, from :meth:`patch_matrix`: one triangle of the symmetric product, and no
+        column of ones (its part is the row sums).
         """
-        n, dim, positions = columns.shape
+        dim, rows = patches.shape
         size = dim + int(self.bias is not None)
-        out = columns.new_empty(size, size)
-        gram = out[:dim, :dim]
-        if positions >= PER_SAMPLE_PRODUCTS_MIN_POSITIONS:
-            for i in range(n):  # beta 0 first: the old content (even NaN) is ignored
-                gram.addmm_(columns[i], columns[i].T, beta=0.0 if i == 0 else 1.0)
-        else:  # few positions: one product over a copy is faster than many small ones
-            flat = columns.transpose(0, 1).reshape(dim, n * positions)
-            gram.addmm_(flat, flat.T, beta=0.0)
+        out = patches.new_empty(size, size)
+        symmetric_gram(patches, out[:dim, :dim])
         if self.bias is not None:
-            sums = columns.sum((0, 2))
+            sums = patches.sum(1)
             out[:dim, dim] = sums
             out[dim, :dim] = sums
-            out[dim, dim] = n * positions
+            out[dim, dim] = rows
         return out
 
     def call_moments(
@@ -188,7 +184,7 @@ class Conv2dBlock(KFACBlock):
     ) -> tuple[th.Tensor, th.Tensor, int, int]:
         if x.dim() == 3:  # unbatched: one sample
             x, delta = x.unsqueeze(0), delta.unsqueeze(0)
-        a_sum = self.patch_moment(self.patch_columns(module, x))  # type: ignore[arg-type]
+        a_sum = self.patch_moment(self.patch_matrix(module, x))  # type: ignore[arg-type]
         deltas = delta.transpose(1, -1).reshape(-1, delta.shape[1])  # (N*T, out), any spatial order
         return a_sum, deltas.T @ deltas, deltas.shape[0], x.shape[0]
 

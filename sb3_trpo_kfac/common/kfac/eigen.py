@@ -34,14 +34,19 @@ class EigenCurvature(BlockCurvature):
 
     @classmethod
     def stack(cls, curvatures: list[Any], damping: float) -> tuple[th.Tensor, ...]:
-        q_g, q_a = th.stack([c.g.vectors for c in curvatures]), th.stack([c.a.vectors for c in curvatures])
-        d_g, d_a = th.stack([c.g.values for c in curvatures]), th.stack([c.a.values for c in curvatures])
+        q_g, q_a = _stacked([c.g.vectors for c in curvatures]), _stacked([c.a.vectors for c in curvatures])
+        d_g, d_a = _stacked([c.g.values for c in curvatures]), _stacked([c.a.values for c in curvatures])
         scale = (d_g.unsqueeze(2) * d_a.unsqueeze(1) + damping).reciprocal_()
-        # contiguous transposes, made once per curvature update: bmm reads a transposed view more slowly
-        return q_g, q_g.mT.contiguous(), q_a, q_a.mT.contiguous(), scale
+        # both layouts, made once per curvature update: bmm reads a transposed view more slowly
+        return q_g.contiguous(), q_g.mT.contiguous(), q_a.contiguous(), q_a.mT.contiguous(), scale
 
     @staticmethod
     def solve_stacked(factors: tuple[th.Tensor, ...], mats: th.Tensor, out: th.Tensor | None = None) -> th.Tensor:
         q_g, q_g_t, q_a, q_a_t, scale = factors
         # th.bmm rather than @: the generic matmul's broadcasting checks cost more than these small products
         return th.bmm(th.bmm(q_g, th.bmm(th.bmm(q_g_t, mats), q_a) * scale), q_a_t, out=out)
+
+
+def _stacked(tensors: list[th.Tensor]) -> th.Tensor:
+    """The tensors along a new first dimension: a view for one (a block alone in its batch), a copy otherwise."""
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else th.stack(tensors)
