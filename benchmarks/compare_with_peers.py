@@ -64,6 +64,8 @@ ALGOS = {
     "ppo": Algo("PPO (SB3)", "rl_zoo3.train", "ppo"),
     # issue 16 item 4: the shipped entry with baselines' continuous-control KL target
     "acktr-kl": Algo("ACKTR (ours, target_kl 0.002)", "sb3_trpo_kfac", "acktr", ("target_kl:0.002",)),
+    # issue 16 item 1: the shipped entry with the decompositions in the background (learning before a default change)
+    "acktr-async": Algo("ACKTR (ours, kfac_async)", "sb3_trpo_kfac", "acktr", ("kfac_async:True",)),
 }
 
 

@@ -90,7 +90,8 @@ BOX2D_SEEDS = (0, 1, 2, 3, 4)
 QUEUES: dict[str, list[Run]] = {
     # ACKTR's atari entry against rl-zoo3's a2c atari entry, 2M steps (8M frames); the first sessions ran every seed
     # to 1M (the issue's minimum) before extending seed 0
-    "pong": _runs("pong", {"PongNoFrameskip-v4": 3_000_000}, {"acktr": (0, 1), "a2c": (0, 1)}),
+    # acktr-async: the entry with kfac_async, the pixel evidence for the decompositions in the background
+    "pong": _runs("pong", {"PongNoFrameskip-v4": 3_000_000}, {"acktr": (0, 1), "a2c": (0, 1), "acktr-async": (0,)}),
     "breakout": _runs("breakout", {"BreakoutNoFrameskip-v4": 1_000_000}, {"acktr": (0, 1), "a2c": (0, 1)}),
     # our TRPO and ACKTR on 3 seeds, the peers on seed 0; evaluated as compare_with_peers.py evaluates HalfCheetah
     "mujoco": _runs(
