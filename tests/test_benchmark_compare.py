@@ -220,12 +220,17 @@ def zoo_options(command: list[str]) -> tuple[str, dict[str, str]]:
 def test_queue_runs_each_zoo_command_one_thread_with_checkpoints(tmp_path):
     launches = queue_launches(tmp_path, "pong", "--parallel", "8")
     assert [launch["run"] for launch in launches] == [
-        f"{algo}/PongNoFrameskip-v4/seed{seed}" for seed in (0, 1) for algo in ("acktr", "a2c")
+        f"{algo}/PongNoFrameskip-v4/seed{seed}"
+        for seed, algos in ((0, ("acktr", "a2c", "acktr-async")), (1, ("acktr", "a2c")))
+        for algo in algos
     ]
     for launch in launches:
         module, options = zoo_options(launch["command"])
         algo = launch["run"].split("/")[0]
-        assert module == ("sb3_trpo_kfac" if algo == "acktr" else "rl_zoo3.train") and options["--algo"] == algo
+        ours = algo.startswith("acktr")
+        assert module == ("sb3_trpo_kfac" if ours else "rl_zoo3.train") and options["--algo"] == ("acktr" if ours else algo)
+        # the kfac_async variant: our command, the shipped entry and one override
+        assert options.get("--hyperparams") == ("kfac_async:True" if algo == "acktr-async" else None)
         assert (options["-n"], options["--num-threads"], options["--save-freq"]) == ("3000000", "1", "50000")
         assert "--conf-file" not in options and "-i" not in options  # both entries' own "atari" entry; a new run
         assert Path(options["-f"]) == tmp_path / "pong" / launch["run"] / "seg00" / "logs"
@@ -351,7 +356,7 @@ def test_queue_adopts_a_zoo_run_started_by_hand(tmp_path):
     record = json.loads((tmp_path / "pong" / "a2c" / "PongNoFrameskip-v4" / "seed1" / "seg00" / "segment.json").read_text())
     assert record["adopted"] and record["experiment"] == str(exp) and record["start_steps"] == 0
     # its process is gone (no --pid): the run resumes from its checkpoint in the queue's own folder
-    launches = {launch["run"]: launch for launch in queue_launches(tmp_path, "pong", "--parallel", "4")}
+    launches = {launch["run"]: launch for launch in queue_launches(tmp_path, "pong", "--parallel", "8")}
     assert launches["a2c/PongNoFrameskip-v4/seed1"]["resume_from"] == str(exp / "rl_model_50000_steps.zip")
     _, options_given = zoo_options(launches["a2c/PongNoFrameskip-v4/seed1"]["command"])
     assert options_given["-n"] == "2950000"
