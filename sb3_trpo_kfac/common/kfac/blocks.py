@@ -142,8 +142,8 @@ class Conv2dBlock(KFACBlock):
     @staticmethod
     def patch_matrix(conv: nn.Conv2d, x: th.Tensor) -> th.Tensor:
         """
-        The rows of :meth:`patches` as the columns of one ``(C·kh·kw, N·positions)`` matrix: a single copy of strided
-        windows of ``x``, about twice as fast as ``F.unfold`` followed by the transpose the moment needs.
+        The rows of :meth:`patches` as the columns of one ``(C·kh·kw, N·positions)`` matrix: one copy of strided
+        windows of ``x`` (the values of ``F.unfold``, whose own copy is slower and needs a transposed one here).
         """
         # a string is "valid" here ("same" is not covered)
         pad_h, pad_w = (0, 0) if isinstance(conv.padding, str) else conv.padding
